@@ -1,0 +1,407 @@
+//! Turns a checked [`VmConfig`] into a running VM and runs it to its end:
+//! guest memory, kernel and initramfs, command line, machine tables,
+//! devices, vCPUs.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, VmFd};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use crate::arch::x86_64::{self as arch, ArchError, InitrdRange};
+use crate::config::{SerialOutput, VmConfig};
+use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
+use crate::devices::legacy::serial::{
+    ConsoleSink, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
+};
+use crate::devices::legacy::EventFdTrigger;
+use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use crate::devices::{BusError, PioBus};
+use crate::shutdown::{ExitReason, StopSignal};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{self, BootSpec, Vcpu, VcpuError};
+use crate::vstate::vm::{self, VmError};
+
+/// Offset of the 64-bit entry point from the start of a bzImage's
+/// protected-mode code (`startup_64`).
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Offset of the "HdrS" magic in a bzImage.
+const BZIMAGE_HDRS_OFFSET: u64 = 0x202;
+
+/// Errors building or running a VM; each says which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// KVM or the VM could not be set up.
+    #[error("KVM: {0}")]
+    Vm(#[from] VmError),
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// A kernel or initramfs file could not be read.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The kernel image is in no format moat-vmm boots.
+    #[error("kernel image {0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" at 0x202)")]
+    KernelFormat(PathBuf),
+    /// linux-loader refused the kernel image.
+    #[error("kernel image {path}: cannot load it: {source}")]
+    KernelLoad {
+        /// The image.
+        path: PathBuf,
+        /// What the loader reported.
+        source: linux_loader::loader::Error,
+    },
+    /// The initramfs could not be placed or copied into guest memory.
+    #[error("initramfs {path}: {reason}")]
+    Initrd {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The command line could not be written.
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    /// The machine tables could not be written.
+    #[error("machine set-up: {0}")]
+    Arch(#[from] ArchError),
+    /// A device could not be created or attached.
+    #[error("devices: {0}")]
+    Device(String),
+    /// A vCPU could not be created, configured or started.
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    /// The serial output file could not be opened.
+    #[error("serial output {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl From<BusError> for BuildError {
+    fn from(e: BusError) -> Self {
+        BuildError::Device(e.to_string())
+    }
+}
+
+/// How a VM's run ended.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    /// Why it stopped.
+    pub reason: ExitReason,
+    /// Time from VMM start to the guest's boot-complete marker, if it wrote one.
+    pub boot_time: Option<Duration>,
+    /// vCPU threads that did not stop when kicked.
+    pub stuck_vcpus: usize,
+}
+
+/// A kernel loaded into guest memory.
+struct LoadedKernel {
+    entry: u64,
+    end: u64,
+    header: Option<setup_header>,
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BuildError> {
+    let mut file = File::open(path).map_err(io_err("kernel image", path))?;
+    let mut magic = [0u8; 4];
+    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    let is_bzimage = !is_elf
+        && file.seek(SeekFrom::Start(BZIMAGE_HDRS_OFFSET)).is_ok()
+        && file.read_exact(&mut magic).is_ok()
+        && magic == *b"HdrS";
+    file.rewind().map_err(io_err("kernel image", path))?;
+    let load_err = |source| BuildError::KernelLoad {
+        path: path.to_path_buf(),
+        source,
+    };
+    if is_elf {
+        let result =
+            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        Ok(LoadedKernel {
+            entry: result.kernel_load.0,
+            end: result.kernel_end,
+            header: None,
+        })
+    } else if is_bzimage {
+        let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(load_err)?;
+        Ok(LoadedKernel {
+            entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+            end: result.kernel_end,
+            header: result.setup_header,
+        })
+    } else {
+        Err(BuildError::KernelFormat(path.to_path_buf()))
+    }
+}
+
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+) -> Result<InitrdRange, BuildError> {
+    let mut file = File::open(path).map_err(io_err("initramfs", path))?;
+    let size = file.metadata().map_err(io_err("initramfs", path))?.len();
+    let initrd_err = |reason: String| BuildError::Initrd {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if size == 0 {
+        return Err(initrd_err("the file is empty".into()));
+    }
+    let addr = arch::initrd_load_addr(
+        mem_size,
+        size,
+        kernel.end,
+        kernel.header.map(|h| h.initrd_addr_max),
+    )
+    .map_err(|e| initrd_err(e.to_string()))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| initrd_err(format!("cannot copy it into guest memory: {e}")))?;
+    Ok(InitrdRange { addr, size })
+}
+
+fn write_cmdline(mem: &GuestMemoryMmap, text: &str) -> Result<usize, BuildError> {
+    let cmdline = Cmdline::try_from(text, CMDLINE_MAX_SIZE)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    Ok(text.len() + 1)
+}
+
+fn console_writer(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| BuildError::SerialFile {
+                path: path.clone(),
+                source,
+            })?)
+        }
+    })
+}
+
+/// The legacy devices on the port bus: COM1 (interrupting through an irqfd),
+/// the i8042 reset line and the boot timer.
+fn attach_legacy_devices(
+    vm: &VmFd,
+    console: Box<dyn Write + Send>,
+    stop: &StopSignal,
+    vmm_start: Instant,
+    boot_time: Arc<Mutex<Option<Duration>>>,
+) -> Result<PioBus, BuildError> {
+    let device_err = |what: &str, e: std::io::Error| BuildError::Device(format!("{what}: {e}"));
+    let com1_irq =
+        EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("COM1 interrupt eventfd", e))?;
+    vm.register_irqfd(&com1_irq, COM1_IRQ)
+        .map_err(|e| BuildError::Device(format!("cannot attach COM1 to IRQ {COM1_IRQ}: {e}")))?;
+    let serial = SerialDevice::new(
+        EventFdTrigger(com1_irq),
+        ConsoleSink::new(console, stop.clone()),
+    );
+
+    let mut bus = PioBus::new();
+    bus.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial)))?;
+    bus.insert(
+        I8042_PORT,
+        I8042_PORT_COUNT,
+        Arc::new(Mutex::new(I8042::new(stop.clone()))),
+    )?;
+    bus.insert(
+        BOOT_TIMER_PORT,
+        1,
+        Arc::new(Mutex::new(BootTimer::new(vmm_start, boot_time))),
+    )?;
+    Ok(bus)
+}
+
+/// Builds the VM `config` describes and runs it until the guest resets or
+/// powers off, or a vCPU fails. `vmm_start` is when the VMM process began,
+/// for the boot-time marker.
+pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildError> {
+    let kvm = vm::open_kvm()?;
+    let mem_size = config.memory_mib << 20;
+    let guest_memory = memory::create_guest_memory(mem_size)?;
+    let vm = vm::create_vm(&kvm)?;
+    memory::register_guest_memory(&vm, &guest_memory)?;
+
+    let kernel = load_kernel(&guest_memory, &config.kernel)?;
+    let initrd = match &config.initramfs {
+        Some(path) => Some(load_initrd(&guest_memory, path, mem_size, &kernel)?),
+        None => None,
+    };
+    let cmdline_size = write_cmdline(&guest_memory, &config.cmdline)?;
+    arch::configure_system(
+        &guest_memory,
+        mem_size,
+        config.vcpus,
+        cmdline_size,
+        initrd,
+        kernel.header,
+    )?;
+
+    let stop = StopSignal::new();
+    let boot_time = Arc::new(Mutex::new(None));
+    let console = console_writer(&config.serial)?;
+    let bus = attach_legacy_devices(&vm, console, &stop, vmm_start, boot_time.clone())?;
+
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Setup {
+            what: "read the supported CPUID",
+            source,
+        })?;
+    let spec = BootSpec {
+        entry: kernel.entry,
+        vcpu_count: config.vcpus,
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
+    let vcpus = (0..config.vcpus)
+        .map(|index| {
+            let vcpu = Vcpu::new(&vm, index)?;
+            vcpu.configure(&guest_memory, &supported_cpuid, spec)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+
+    vcpu::install_kick_handler()?;
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(bus.clone(), stop.clone()) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                stop.raise(ExitReason::VcpuFailure(e.to_string()));
+                vcpu::stop_vcpus(threads);
+                return Err(e.into());
+            }
+        }
+    }
+
+    let reason = stop.wait();
+    let stuck_vcpus = vcpu::stop_vcpus(threads);
+    let boot_time = *boot_time.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(VmOutcome {
+        reason,
+        boot_time,
+        stuck_vcpus,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_memory() -> GuestMemoryMmap {
+        memory::create_guest_memory(64 << 20).unwrap()
+    }
+
+    fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("moat-builder-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn kernel_in_no_known_format_is_named() {
+        let path = temp_file("not-a-kernel", &[0u8; 4096]);
+        let err = load_kernel(&guest_memory(), &path)
+            .err()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains("is neither an ELF vmlinux nor a bzImage"),
+            "{err}"
+        );
+        assert!(err.contains("not-a-kernel"), "{err}");
+    }
+
+    #[test]
+    fn truncated_elf_is_refused_by_the_loader() {
+        let path = temp_file("truncated-elf", b"\x7fELF\x02\x01\x01");
+        let err = load_kernel(&guest_memory(), &path)
+            .err()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("truncated-elf: cannot load it"), "{err}");
+    }
+
+    #[test]
+    fn empty_initramfs_is_refused() {
+        let path = temp_file("empty-initrd", b"");
+        let kernel = LoadedKernel {
+            entry: 0,
+            end: 0x200_0000,
+            header: None,
+        };
+        let err = load_initrd(&guest_memory(), &path, 64 << 20, &kernel)
+            .err()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.ends_with("the file is empty"), "{err}");
+    }
+
+    #[test]
+    fn initramfs_is_copied_to_the_top_of_memory() {
+        let contents: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let path = temp_file("small-initrd", &contents);
+        let mem = guest_memory();
+        let kernel = LoadedKernel {
+            entry: 0,
+            end: 0x200_0000,
+            header: None,
+        };
+        let range = load_initrd(&mem, &path, 64 << 20, &kernel).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(range.size, contents.len() as u64);
+        let mut back = vec![0u8; contents.len()];
+        mem.read_slice(&mut back, GuestAddress(range.addr)).unwrap();
+        assert_eq!(back, contents);
+    }
+
+    #[test]
+    fn cmdline_is_written_nul_terminated() {
+        let mem = guest_memory();
+        let size = write_cmdline(&mem, "console=ttyS0 quiet").unwrap();
+        assert_eq!(size, 20);
+        let mut back = [0u8; 20];
+        mem.read_slice(&mut back, GuestAddress(CMDLINE_START))
+            .unwrap();
+        assert_eq!(&back, b"console=ttyS0 quiet\0");
+    }
+}

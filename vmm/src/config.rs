@@ -1,0 +1,483 @@
+//! The VM configuration: what to boot and on what machine, from a JSON file
+//! and command-line flags, checked before anything touches KVM.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+/// The kernel command line when none is given: serial console, reboot
+/// through the i8042 reset line, panics end the VM, no PCI probing, and
+/// the i8042 probes skipped (Firecracker's defaults).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// vCPUs when none are asked for.
+pub const DEFAULT_VCPUS: u8 = 1;
+/// Guest memory in MiB when none is asked for.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// The least memory a guest kernel and its initramfs can boot in.
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+/// Errors in the configuration, each naming the value that was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JSON config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The JSON config file is not valid.
+    #[error("config file {path} is not a valid moat-vmm config: {source}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// What serde found wrong, with line and column.
+        source: serde_json::Error,
+    },
+    /// No kernel was named.
+    #[error("no kernel image given: pass --kernel PATH or set \"kernel\" in the config file")]
+    NoKernel,
+    /// The kernel or initramfs file is missing or unreadable.
+    #[error("{what} {path}: {source}")]
+    Unreadable {
+        /// "kernel image" or "initramfs".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The kernel or initramfs path is not a regular file.
+    #[error("{what} {path} is not a regular file")]
+    NotAFile {
+        /// "kernel image" or "initramfs".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Too few or too many vCPUs.
+    #[error("vcpus = {0}: a VM has 1 to {MAX_VCPUS} vCPUs")]
+    VcpuCount(u64),
+    /// Memory below what a guest can boot in.
+    #[error("memory = {0} MiB is too small: a guest needs at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+    /// Memory above what the host has.
+    #[error("memory = {requested} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge {
+        /// Requested MiB.
+        requested: u64,
+        /// Host RAM in MiB.
+        host: u64,
+    },
+    /// The command line is too long or malformed.
+    #[error("kernel command line ({len} bytes) is invalid: {reason}")]
+    Cmdline {
+        /// Its length in bytes.
+        len: usize,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// An unknown serial output.
+    #[error("serial output {0:?} is not one of stdout, none, file:PATH")]
+    SerialOutput(String),
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Nowhere.
+    None,
+}
+
+impl FromStr for SerialOutput {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SerialOutput::Stdout),
+            "none" => Ok(SerialOutput::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
+                _ => Err(ConfigError::SerialOutput(s.to_string())),
+            },
+        }
+    }
+}
+
+/// A configuration as written: in the JSON file or as flags. Every field is
+/// optional; a later layer overrides an earlier one.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    /// Path of the kernel: an ELF vmlinux or a bzImage.
+    pub kernel: Option<PathBuf>,
+    /// Path of an initramfs (cpio, optionally compressed).
+    pub initramfs: Option<PathBuf>,
+    /// The whole kernel command line, replacing [`DEFAULT_CMDLINE`].
+    pub cmdline: Option<String>,
+    /// Arguments appended to the command line.
+    pub append: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: Option<u64>,
+    /// Guest memory in MiB.
+    pub memory_mib: Option<u64>,
+    /// Serial console output: "stdout", "none" or "file:PATH".
+    pub serial: Option<String>,
+}
+
+impl ConfigLayer {
+    /// Reads a layer from a JSON file.
+    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// This layer with every field that `over` sets replaced by `over`'s.
+    pub fn overridden_by(self, over: ConfigLayer) -> ConfigLayer {
+        ConfigLayer {
+            kernel: over.kernel.or(self.kernel),
+            initramfs: over.initramfs.or(self.initramfs),
+            cmdline: over.cmdline.or(self.cmdline),
+            append: over.append.or(self.append),
+            vcpus: over.vcpus.or(self.vcpus),
+            memory_mib: over.memory_mib.or(self.memory_mib),
+            serial: over.serial.or(self.serial),
+        }
+    }
+
+    /// Applies defaults and checks every value against this host.
+    pub fn resolve(self, host_memory_mib: u64) -> Result<VmConfig, ConfigError> {
+        let kernel = self.kernel.ok_or(ConfigError::NoKernel)?;
+        check_file("kernel image", &kernel)?;
+        if let Some(initramfs) = &self.initramfs {
+            check_file("initramfs", initramfs)?;
+        }
+
+        let vcpus = self.vcpus.unwrap_or(u64::from(DEFAULT_VCPUS));
+        let vcpus = u8::try_from(vcpus)
+            .ok()
+            .filter(|v| (1..=MAX_VCPUS).contains(v))
+            .ok_or(ConfigError::VcpuCount(vcpus))?;
+
+        let memory_mib = self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        if memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(memory_mib));
+        }
+        if memory_mib > host_memory_mib {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: memory_mib,
+                host: host_memory_mib,
+            });
+        }
+
+        let mut cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if let Some(extra) = self.append.filter(|a| !a.trim().is_empty()) {
+            cmdline.push(' ');
+            cmdline.push_str(extra.trim());
+        }
+        check_cmdline(&cmdline)?;
+
+        let serial = self.serial.as_deref().unwrap_or("stdout").parse()?;
+        Ok(VmConfig {
+            kernel,
+            initramfs: self.initramfs,
+            cmdline,
+            vcpus,
+            memory_mib,
+            serial,
+        })
+    }
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Unreadable {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+fn check_cmdline(cmdline: &str) -> Result<(), ConfigError> {
+    let refuse = |reason: &str| ConfigError::Cmdline {
+        len: cmdline.len(),
+        reason: reason.to_string(),
+    };
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(refuse(&format!(
+            "the kernel accepts at most {} bytes",
+            CMDLINE_MAX_SIZE - 1
+        )));
+    }
+    if !cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(refuse("it may hold printable ASCII only"));
+    }
+    Ok(())
+}
+
+/// A checked configuration, ready to build a VM from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initramfs, if any.
+    pub initramfs: Option<PathBuf>,
+    /// The full kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Where the serial console goes.
+    pub serial: SerialOutput,
+}
+
+/// This host's RAM in MiB, from `/proc/meminfo` (0 if it cannot be read,
+/// which makes every memory size "too large" rather than unchecked).
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST_MIB: u64 = 8192;
+
+    fn kernel_file() -> PathBuf {
+        // Any readable regular file will do for config checks.
+        PathBuf::from("/proc/self/exe").canonicalize().unwrap()
+    }
+
+    fn layer() -> ConfigLayer {
+        ConfigLayer {
+            kernel: Some(kernel_file()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_given() {
+        let cfg = layer().resolve(HOST_MIB).unwrap();
+        assert_eq!(cfg.vcpus, DEFAULT_VCPUS);
+        assert_eq!(cfg.memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(cfg.serial, SerialOutput::Stdout);
+        assert_eq!(cfg.initramfs, None);
+    }
+
+    #[test]
+    fn append_extends_and_cmdline_replaces() {
+        let cfg = ConfigLayer {
+            append: Some(" quiet ".into()),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap();
+        assert_eq!(cfg.cmdline, format!("{DEFAULT_CMDLINE} quiet"));
+        let cfg = ConfigLayer {
+            cmdline: Some("console=ttyS0".into()),
+            append: Some("x=1".into()),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap();
+        assert_eq!(cfg.cmdline, "console=ttyS0 x=1");
+    }
+
+    #[test]
+    fn json_file_is_parsed_and_flags_override_it() {
+        let json = r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 256, "serial": "none"}"#;
+        let file: ConfigLayer = serde_json::from_str(json).unwrap();
+        let flags = ConfigLayer {
+            vcpus: Some(4),
+            ..Default::default()
+        };
+        let merged = file.overridden_by(flags);
+        assert_eq!(merged.vcpus, Some(4));
+        assert_eq!(merged.memory_mib, Some(256));
+        assert_eq!(merged.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(merged.serial.as_deref(), Some("none"));
+    }
+
+    #[test]
+    fn unknown_json_field_is_named() {
+        let err =
+            serde_json::from_str::<ConfigLayer>(r#"{"kernel": "/k", "memory": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `memory`"), "{err}");
+    }
+
+    #[test]
+    fn malformed_json_file_names_the_file_and_position() {
+        let path =
+            std::env::temp_dir().join(format!("moat-bad-config-{}.json", std::process::id()));
+        std::fs::write(&path, "{\"vcpus\": two}").unwrap();
+        let err = ConfigLayer::from_json_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains(path.to_str().unwrap()), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn missing_kernel_is_named() {
+        let err = ConfigLayer::default().resolve(HOST_MIB).unwrap_err();
+        assert!(matches!(err, ConfigError::NoKernel));
+        let err = ConfigLayer {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            ..Default::default()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "kernel image /nonexistent/vmlinux: No such file or directory (os error 2)"
+        );
+        let err = ConfigLayer {
+            kernel: Some("/tmp".into()),
+            ..Default::default()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "kernel image /tmp is not a regular file");
+    }
+
+    #[test]
+    fn missing_initramfs_is_named() {
+        let err = ConfigLayer {
+            initramfs: Some("/nonexistent/initrd".into()),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("initramfs /nonexistent/initrd:"), "{err}");
+    }
+
+    #[test]
+    fn memory_bounds_are_enforced() {
+        let err = ConfigLayer {
+            memory_mib: Some(8),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "memory = 8 MiB is too small: a guest needs at least 32 MiB"
+        );
+        let err = ConfigLayer {
+            memory_mib: Some(HOST_MIB + 1),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "memory = 8193 MiB is more than this host's 8192 MiB of RAM"
+        );
+        assert!(ConfigLayer {
+            memory_mib: Some(MIN_MEMORY_MIB),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .is_ok());
+    }
+
+    #[test]
+    fn vcpu_bounds_are_enforced() {
+        for bad in [0u64, 33, 300] {
+            let err = ConfigLayer {
+                vcpus: Some(bad),
+                ..layer()
+            }
+            .resolve(HOST_MIB)
+            .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("vcpus = {bad}: a VM has 1 to 32 vCPUs")
+            );
+        }
+        assert_eq!(
+            ConfigLayer {
+                vcpus: Some(32),
+                ..layer()
+            }
+            .resolve(HOST_MIB)
+            .unwrap()
+            .vcpus,
+            32
+        );
+    }
+
+    #[test]
+    fn overlong_or_binary_cmdline_is_refused() {
+        let long = "a".repeat(CMDLINE_MAX_SIZE);
+        let err = ConfigLayer {
+            cmdline: Some(long),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert!(err.to_string().contains("at most 2047 bytes"), "{err}");
+        let err = ConfigLayer {
+            append: Some("a\nb".into()),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert!(err.to_string().contains("printable ASCII"), "{err}");
+    }
+
+    #[test]
+    fn serial_outputs_parse() {
+        assert_eq!(
+            "stdout".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdout
+        );
+        assert_eq!("none".parse::<SerialOutput>().unwrap(), SerialOutput::None);
+        assert_eq!(
+            "file:/tmp/console.log".parse::<SerialOutput>().unwrap(),
+            SerialOutput::File("/tmp/console.log".into())
+        );
+        for bad in ["file:", "tty", ""] {
+            assert!(bad.parse::<SerialOutput>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_memory_is_read() {
+        assert!(host_memory_mib() > 0);
+    }
+}

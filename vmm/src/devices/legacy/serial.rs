@@ -1,0 +1,194 @@
+//! The COM1 8250/16550A UART (vm-superio), the guest's console.
+//!
+//! Its transmit side goes to the VMM's console sink. The sink also watches
+//! the kernel's own last words: without ACPI a Linux guest has no power-off
+//! device, and "reboot: Power down" is the one sign that it has powered off
+//! and halted for good.
+
+use std::io::{self, Write};
+
+use vm_superio::Serial;
+
+use super::EventFdTrigger;
+use crate::devices::BusDevice;
+use crate::shutdown::{ExitReason, StopSignal};
+
+/// The I/O port base of COM1.
+pub const COM1_PORT: u16 = 0x3f8;
+/// The number of ports a UART decodes.
+pub const COM1_PORT_COUNT: u16 = 8;
+/// The ISA IRQ (and GSI) of COM1.
+pub const COM1_IRQ: u32 = 4;
+
+/// The line the kernel prints right before halting on power-off.
+const POWER_DOWN_LINE: &[u8] = b"reboot: Power down";
+/// Longest line prefix kept for that check; console lines can be longer.
+const MAX_TRACKED_LINE: usize = 512;
+
+/// Where the guest's console output goes, and a watch for its power-off.
+pub struct ConsoleSink {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+    stop: StopSignal,
+}
+
+impl ConsoleSink {
+    /// A sink writing to `out` and raising `stop` when the guest powers off.
+    pub fn new(out: Box<dyn Write + Send>, stop: StopSignal) -> Self {
+        Self {
+            out,
+            line: Vec::with_capacity(MAX_TRACKED_LINE),
+            stop,
+        }
+    }
+
+    fn track(&mut self, byte: u8) {
+        match byte {
+            b'\n' => {
+                let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+                if line.ends_with(POWER_DOWN_LINE) {
+                    self.stop.raise(ExitReason::GuestPowerOff);
+                }
+                self.line.clear();
+            }
+            _ if self.line.len() < MAX_TRACKED_LINE => self.line.push(byte),
+            _ => {}
+        }
+    }
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &byte in buf {
+            self.track(byte);
+        }
+        // A console that went away (closed pipe, full disk) must not stop
+        // the guest: its output is dropped instead.
+        let _ = self.out.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.out.flush();
+        Ok(())
+    }
+}
+
+/// COM1 on the port bus.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleSink>,
+}
+
+impl SerialDevice {
+    /// A UART that interrupts through `irq` and transmits into `sink`.
+    pub fn new(irq: EventFdTrigger, sink: ConsoleSink) -> Self {
+        Self {
+            serial: Serial::new(irq, sink),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        if let ([byte], Ok(offset)) = (&mut *data, u8::try_from(offset)) {
+            *byte = self.serial.read(offset);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
+            // The only failure is the interrupt eventfd, which cannot fill up.
+            let _ = self.serial.write(offset, *byte);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn device() -> (SerialDevice, Captured, StopSignal, EventFd) {
+        let out = Captured::default();
+        let stop = StopSignal::new();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = ConsoleSink::new(Box::new(out.clone()), stop.clone());
+        let dev = SerialDevice::new(EventFdTrigger(irq.try_clone().unwrap()), sink);
+        (dev, out, stop, irq)
+    }
+
+    fn send(dev: &mut SerialDevice, text: &[u8]) {
+        for b in text {
+            dev.write(0, &[*b]);
+        }
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_console() {
+        let (mut dev, out, stop, _) = device();
+        send(&mut dev, b"hello\r\n");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hello\r\n");
+        assert_eq!(stop.reason(), None);
+    }
+
+    #[test]
+    fn thre_interrupt_fires_when_enabled() {
+        let (mut dev, _, _, irq) = device();
+        dev.write(1, &[0x02]); // IER: transmitter holding register empty
+        send(&mut dev, b"x");
+        assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn kernel_power_down_line_stops_the_vm() {
+        let (mut dev, _, stop, _) = device();
+        send(&mut dev, b"[    1.234567] reboot: Power down");
+        assert_eq!(stop.reason(), None, "not before the line ends");
+        send(&mut dev, b"\r\n");
+        assert_eq!(stop.reason(), Some(ExitReason::GuestPowerOff));
+    }
+
+    #[test]
+    fn power_down_text_inside_a_line_is_ignored() {
+        let (mut dev, _, stop, _) = device();
+        send(
+            &mut dev,
+            b"reboot: Power down is what we print at the end\n",
+        );
+        assert_eq!(stop.reason(), None);
+    }
+
+    #[test]
+    fn overlong_lines_are_passed_through_whole() {
+        let (mut dev, out, _, _) = device();
+        let long = vec![b'a'; 4 * MAX_TRACKED_LINE];
+        send(&mut dev, &long);
+        assert_eq!(out.0.lock().unwrap().len(), long.len());
+    }
+
+    #[test]
+    fn wide_accesses_are_ignored() {
+        let (mut dev, out, _, _) = device();
+        dev.write(0, b"ab");
+        let mut data = [0u8; 2];
+        dev.read(5, &mut data);
+        assert_eq!(data, [0xff, 0xff]);
+        assert!(out.0.lock().unwrap().is_empty());
+    }
+}

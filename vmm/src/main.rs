@@ -1,0 +1,89 @@
+//! The `moat-vmm` command: parses flags and an optional JSON config, boots
+//! the microVM, and exits 0 when the guest resets or powers off.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use moat_vmm::builder::run_vm;
+use moat_vmm::config::{host_memory_mib, ConfigLayer};
+
+/// Boot a Linux kernel in a KVM microVM.
+#[derive(Debug, Parser)]
+#[command(name = "moat-vmm", version, about)]
+struct Cli {
+    /// JSON config file; flags override its fields.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs image.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Whole kernel command line, replacing the default.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Extra kernel arguments appended to the command line.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    append: Option<String>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u64>,
+    /// Guest memory in MiB (default 128).
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u64>,
+    /// Serial console output: stdout, none or file:PATH (default stdout).
+    #[arg(long, value_name = "OUTPUT")]
+    serial: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let vmm_start = Instant::now();
+    let cli = Cli::parse();
+    match run(cli, vmm_start) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("moat-vmm: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
+    let file_layer = match &cli.config {
+        Some(path) => ConfigLayer::from_json_file(path).map_err(|e| e.to_string())?,
+        None => ConfigLayer::default(),
+    };
+    let flags_layer = ConfigLayer {
+        kernel: cli.kernel,
+        initramfs: cli.initramfs,
+        cmdline: cli.cmdline,
+        append: cli.append,
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory,
+        serial: cli.serial,
+    };
+    let config = file_layer
+        .overridden_by(flags_layer)
+        .resolve(host_memory_mib())
+        .map_err(|e| format!("config: {e}"))?;
+    let outcome = run_vm(&config, vmm_start).map_err(|e| e.to_string())?;
+    if outcome.stuck_vcpus > 0 {
+        eprintln!(
+            "moat-vmm: warning: {} vCPU thread(s) did not stop in time",
+            outcome.stuck_vcpus
+        );
+    }
+    if outcome.reason.is_clean() {
+        eprintln!(
+            "moat-vmm: guest stopped ({:?}) after {} ms",
+            outcome.reason,
+            vmm_start.elapsed().as_millis()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!("VM stopped: {:?}", outcome.reason))
+    }
+}
