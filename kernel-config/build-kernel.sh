@@ -61,8 +61,13 @@ make -s ARCH=x86_64 olddefconfig >&2
 # a dependency missing from the fragment would silently drop it.
 missing=()
 while IFS= read -r line; do
-  case "$line" in CONFIG_*=*) ;; *) continue ;; esac
-  grep -qxF "$line" .config || missing+=("$line")
+  case "$line" in
+    CONFIG_*=*)
+      if ! grep -qxF "$line" .config; then missing+=("$line"); fi ;;
+    "# CONFIG_"*" is not set")
+      option=${line#\# }; option=${option%% *}
+      if grep -q "^$option=" .config; then missing+=("$line"); fi ;;
+  esac
 done < "$fragment"
 if [ ${#missing[@]} -gt 0 ]; then
   log "these options of microvm.config did not take effect (unmet dependencies?):"

@@ -2,8 +2,10 @@
 //!
 //! Its transmit side goes to the VMM's console sink. The sink also watches
 //! the kernel's own last words: without ACPI a Linux guest has no power-off
-//! device, and "reboot: Power down" is the one sign that it has powered off
-//! and halted for good.
+//! device, so on power-off or halt it prints one of [`HALT_LINES`] and stops
+//! its CPUs with interrupts disabled, which KVM never reports. That line is
+//! the one sign that the guest is done for good. (A guest that prints it
+//! from user space can only end its own VM, which it may do anyway.)
 
 use std::io::{self, Write};
 
@@ -20,8 +22,14 @@ pub const COM1_PORT_COUNT: u16 = 8;
 /// The ISA IRQ (and GSI) of COM1.
 pub const COM1_IRQ: u32 = 4;
 
-/// The line the kernel prints right before halting on power-off.
-const POWER_DOWN_LINE: &[u8] = b"reboot: Power down";
+/// Line endings the kernel prints right before halting for good: on
+/// power-off with a power-off handler, on power-off without one (6.x
+/// falls back to halting), and on halt.
+pub const HALT_LINES: [&[u8]; 3] = [
+    b"reboot: Power down",
+    b"reboot: Power off not available: System halted instead",
+    b"reboot: System halted",
+];
 /// Longest line prefix kept for that check; console lines can be longer.
 const MAX_TRACKED_LINE: usize = 512;
 
@@ -46,7 +54,7 @@ impl ConsoleSink {
         match byte {
             b'\n' => {
                 let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
-                if line.ends_with(POWER_DOWN_LINE) {
+                if HALT_LINES.iter().any(|halt| line.ends_with(halt)) {
                     self.stop.raise(ExitReason::GuestPowerOff);
                 }
                 self.line.clear();
@@ -162,6 +170,18 @@ mod tests {
         assert_eq!(stop.reason(), None, "not before the line ends");
         send(&mut dev, b"\r\n");
         assert_eq!(stop.reason(), Some(ExitReason::GuestPowerOff));
+    }
+
+    #[test]
+    fn power_off_without_handler_and_halt_stop_the_vm() {
+        for line in [
+            &b"[    3.434648] reboot: Power off not available: System halted instead\n"[..],
+            b"[    1.0] reboot: System halted\n",
+        ] {
+            let (mut dev, _, stop, _) = device();
+            send(&mut dev, line);
+            assert_eq!(stop.reason(), Some(ExitReason::GuestPowerOff));
+        }
     }
 
     #[test]

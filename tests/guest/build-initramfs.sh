@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds moat's test initramfs: a static busybox and test-init.sh as /init,
+# as an uncompressed newc cpio. Prints the path of the image.
+#   $1  output path (default: $CARGO_TARGET_DIR or target/, moat-guest/test-initramfs.cpio)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+out=${1:-${CARGO_TARGET_DIR:-$repo/target}/moat-guest/test-initramfs.cpio}
+
+busybox=/bin/busybox
+is_static() { ! ldd "$1" >/dev/null 2>&1; }
+if ! [ -x "$busybox" ] || ! is_static "$busybox"; then
+  echo "build-initramfs: installing busybox-static" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends busybox-static cpio >&2 \
+    || { apt-get update -q >&2 && apt-get install -y -q --no-install-recommends busybox-static cpio >&2; }
+fi
+command -v cpio >/dev/null || apt-get install -y -q --no-install-recommends cpio >&2
+
+staging=$(mktemp -d)
+trap 'rm -rf "$staging"' EXIT
+mkdir -p "$staging/bin" "$staging/dev" "$staging/proc" "$staging/sys"
+cp "$busybox" "$staging/bin/busybox"
+ln -s busybox "$staging/bin/sh"
+# The kernel opens /dev/console for init's stdio before init can mount
+# devtmpfs, so the node must be in the image.
+mknod -m 600 "$staging/dev/console" c 5 1
+install -m 0755 "$here/test-init.sh" "$staging/init"
+
+mkdir -p "$(dirname "$out")"
+(cd "$staging" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out.tmp"
+mv "$out.tmp" "$out"
+echo "$out"

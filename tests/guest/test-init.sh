@@ -1,0 +1,31 @@
+#!/bin/busybox sh
+# /init of moat's test initramfs. It reports what the guest sees on the
+# console, writes the boot-time marker, and ends the VM.
+# Kernel parameters without dots reach it as environment variables:
+#   moat_mode=report (default) | bench   bench prints only the first line
+#   moat_exit=reboot (default) | poweroff
+echo "MOAT_GUEST init started"
+/bin/busybox mkdir -p /proc /sys /dev /bin /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+if [ "${moat_mode:-report}" = report ]; then
+  echo "MOAT_GUEST uname: $(uname -a)"
+  echo "MOAT_GUEST cmdline: $(cat /proc/cmdline)"
+  echo "MOAT_GUEST vcpus: $(grep -c '^processor' /proc/cpuinfo)"
+  echo "MOAT_GUEST cpus online: $(cat /sys/devices/system/cpu/online)"
+  echo "MOAT_GUEST memtotal_kib: $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+  dmesg | grep -o 'BIOS-e820: .*usable' | sed 's/^/MOAT_GUEST /'
+  echo "MOAT_GUEST clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+fi
+
+# Boot-time marker: value 123 to port 0x3f0 (1008).
+printf '\173' | dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null
+echo "MOAT_GUEST init done"
+
+case "${moat_exit:-reboot}" in
+  poweroff) poweroff -f ;;
+  *) reboot -f ;;
+esac

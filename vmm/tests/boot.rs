@@ -1,0 +1,122 @@
+//! moat-vmm boots the project's guest kernel with the test initramfs on
+//! real KVM (through the KVM test harness) and the guest's own report is
+//! checked.
+
+mod common;
+
+use common::{guest_bzimage, guest_vmlinux, kvm_run, test_initramfs, vmm_binary};
+
+fn boot(kernel: &std::path::Path, initramfs: &std::path::Path, extra: &[&str]) -> common::Run {
+    let vmm = vmm_binary();
+    let mut args = vec![
+        vmm.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kvm_run(&args)
+}
+
+#[test]
+fn elf_vmlinux_boots_and_guest_sees_cmdline_memory_and_vcpus() {
+    let initramfs = test_initramfs("boot-report");
+    let run = boot(
+        &guest_vmlinux(),
+        &initramfs,
+        &[
+            "--vcpus",
+            "2",
+            "--memory",
+            "256",
+            "--append",
+            "quiet moat_probe=cmdline-reached-guest",
+        ],
+    );
+    let all = run.describe();
+    assert_eq!(
+        run.code, 0,
+        "moat-vmm must exit 0 after the guest reboots\n{all}"
+    );
+
+    let uname = run
+        .guest_value("uname")
+        .unwrap_or_else(|| panic!("no uname line\n{all}"));
+    assert!(
+        uname.starts_with("Linux ") && uname.contains("x86_64"),
+        "{uname}"
+    );
+
+    let cmdline = run
+        .guest_value("cmdline")
+        .unwrap_or_else(|| panic!("no cmdline line\n{all}"));
+    assert!(
+        cmdline.starts_with("console=ttyS0 reboot=k panic=1"),
+        "default command line: {cmdline}"
+    );
+    assert!(
+        cmdline.ends_with("quiet moat_probe=cmdline-reached-guest"),
+        "appended arguments: {cmdline}"
+    );
+
+    assert_eq!(run.guest_value("vcpus"), Some("2"), "{all}");
+    assert_eq!(run.guest_value("cpus online"), Some("0-1"), "{all}");
+
+    // MemTotal is RAM less what the kernel reserves for itself: for 256 MiB
+    // it must lie between 200 MiB and 256 MiB.
+    let memtotal: u64 = run
+        .guest_value("memtotal_kib")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (200 * 1024..=256 * 1024).contains(&memtotal),
+        "MemTotal {memtotal} KiB\n{all}"
+    );
+    // The e820 map the VMM wrote ends exactly at 256 MiB.
+    assert!(
+        run.stdout
+            .contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+        "e820 map\n{all}"
+    );
+    assert_eq!(run.guest_value("clocksource"), Some("kvm-clock"), "{all}");
+
+    assert!(
+        run.stderr.contains("moat-vmm: guest boot time: "),
+        "boot-time marker\n{all}"
+    );
+    assert!(run.stdout.contains("MOAT_GUEST init done"), "{all}");
+    assert!(run.stderr.contains("guest stopped (GuestReset)"), "{all}");
+}
+
+#[test]
+fn guest_power_off_ends_the_vmm_with_status_zero() {
+    let initramfs = test_initramfs("boot-poweroff");
+    let run = boot(
+        &guest_vmlinux(),
+        &initramfs,
+        &["--append", "quiet moat_exit=poweroff"],
+    );
+    let all = run.describe();
+    assert_eq!(run.code, 0, "{all}");
+    assert!(run.stdout.contains("MOAT_GUEST init done"), "{all}");
+    assert!(
+        run.stderr.contains("guest stopped (GuestPowerOff)"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bzimage_boots_with_one_vcpu() {
+    let initramfs = test_initramfs("boot-bzimage");
+    let run = boot(
+        &guest_bzimage(),
+        &initramfs,
+        &["--memory", "128", "--append", "quiet"],
+    );
+    let all = run.describe();
+    assert_eq!(run.code, 0, "{all}");
+    assert_eq!(run.guest_value("vcpus"), Some("1"), "{all}");
+    assert!(run.stderr.contains("moat-vmm: guest boot time: "), "{all}");
+    assert!(run.stderr.contains("guest stopped (GuestReset)"), "{all}");
+}

@@ -1,0 +1,131 @@
+//! Shared set-up of moat-vmm's integration tests: the guest kernel, the
+//! test initramfs and the KVM test harness.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("vmm/ has a parent")
+        .to_path_buf()
+}
+
+/// The moat-vmm binary under test.
+pub fn vmm_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_moat-vmm"))
+}
+
+fn last_line_of(script: &Path, args: &[&str]) -> PathBuf {
+    let out = Command::new(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    assert!(
+        path.is_file(),
+        "{} printed no file path: {stdout:?}",
+        script.display()
+    );
+    path
+}
+
+/// The project's guest vmlinux, built (or taken from the cache) by
+/// `kernel-config/build-kernel.sh`.
+pub fn guest_vmlinux() -> PathBuf {
+    last_line_of(&repo_root().join("kernel-config/build-kernel.sh"), &[])
+}
+
+/// The bzImage built beside [`guest_vmlinux`].
+pub fn guest_bzimage() -> PathBuf {
+    let path = guest_vmlinux().with_file_name("bzImage");
+    assert!(
+        path.is_file(),
+        "no bzImage beside the vmlinux at {}",
+        path.display()
+    );
+    path
+}
+
+/// The test initramfs (`tests/guest/`), built into this test's own file.
+pub fn test_initramfs(name: &str) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.cpio"));
+    last_line_of(
+        &repo_root().join("tests/guest/build-initramfs.sh"),
+        &[out.to_str().expect("utf-8 path")],
+    )
+}
+
+/// The output of one command, as text.
+pub struct Run {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Both streams, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+
+    /// The value of the guest's `MOAT_GUEST <key>: <value>` report line.
+    pub fn guest_value(&self, key: &str) -> Option<&str> {
+        let prefix = format!("MOAT_GUEST {key}: ");
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+    }
+}
+
+/// Runs `args` on a KVM host through `tests/harness/kvm-run`: directly on a
+/// VT-x/AMD-V host, in the QEMU TCG L1 VM elsewhere. The harness states
+/// which on stderr, and the test prints it.
+pub fn kvm_run(args: &[&str]) -> Run {
+    let harness = repo_root().join("tests/harness/kvm-run");
+    let out = Command::new(&harness)
+        .args(["--timeout", "600", "--"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", harness.display()));
+    let run = Run::from(out);
+    if let Some(mode) = run.stderr.lines().find(|l| l.starts_with("kvm-run: mode=")) {
+        eprintln!("{mode}");
+    }
+    run
+}
+
+/// Runs moat-vmm directly on this host (no harness), for checks that must
+/// fail before any guest runs.
+pub fn vmm_direct(args: &[&str]) -> Run {
+    let out = Command::new(vmm_binary())
+        .args(args)
+        .output()
+        .expect("cannot run moat-vmm");
+    Run::from(out)
+}
