@@ -1,0 +1,70 @@
+# moat — the two commands a user needs are `make demo` and `make test`;
+# both install and build whatever they need on a fresh Debian bookworm.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+KVM_RUN := tests/harness/kvm-run
+TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
+# Debian packages the build and the tests use. The kernel and harness
+# scripts install their own too, so each also works on its own.
+DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
+	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux
+
+.PHONY: demo test deps kernel initramfs build build-release lint unit-test \
+	harness-test kvm-test bench-boot
+
+## demo: build everything, boot a microVM, show what the guest sees.
+demo: deps kernel build-release initramfs
+	@echo "== moat demo: moat-vmm boots the guest kernel with 2 vCPUs and 256 MiB =="
+	$(KVM_RUN) -- $(TARGET_DIR)/release/moat-vmm \
+		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
+		--initramfs $(TEST_INITRAMFS) --vcpus 2 --memory 256 --append quiet
+
+## test: lint, unit tests, the harness self-test and the KVM tests.
+test: deps kernel lint unit-test harness-test kvm-test
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $$missing \
+		|| { apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; }; \
+	fi
+
+kernel:
+	kernel-config/build-kernel.sh
+
+initramfs:
+	tests/guest/build-initramfs.sh $(TEST_INITRAMFS)
+
+build:
+	cargo build --workspace --all-targets
+
+build-release:
+	cargo build --workspace --release --bins
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# Host tests: everything but the KVM boots.
+unit-test:
+	cargo test --workspace --lib --bins
+	cargo test -p moat-vmm --test bad_config
+
+harness-test:
+	tests/harness/selftest
+
+# KVM boots go through the harness one at a time: each starts its own L1.
+kvm-test:
+	cargo test -p moat-vmm --test boot -- --test-threads=1
+
+## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS.
+bench-boot: deps kernel build-release initramfs
+	$(KVM_RUN) -- $(TARGET_DIR)/release/bench-boot \
+		--vmm $(TARGET_DIR)/release/moat-vmm \
+		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
+		--initramfs $(TEST_INITRAMFS) --runs $${RUNS:-10}

@@ -1,0 +1,184 @@
+//! bench-boot: time from VMM start to the guest's init, moat-vmm against
+//! QEMU's microvm machine on the same KVM, kernel, initramfs and command
+//! line, runs interleaved so that drift hits both alike. Also compares the
+//! peak RSS of the two VMM processes. Run it on a KVM host, e.g. through
+//! `tests/harness/kvm-run` (`make bench-boot` does).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::Parser;
+use moat_tests::measure::{median, run_to_marker, RunSample};
+
+/// What the test initramfs prints first, before it does anything else.
+const INIT_MARKER: &str = "MOAT_GUEST init started";
+/// Kernel arguments both VMMs get: moat-vmm's default command line, quiet,
+/// and the test init's bench mode (print the marker, then reboot).
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux \
+                       i8042.nopnp i8042.dumbkbd quiet moat_mode=bench";
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Boot-time benchmark: moat-vmm against QEMU microvm.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The moat-vmm binary.
+    #[arg(long)]
+    vmm: PathBuf,
+    /// The guest kernel (ELF vmlinux with a PVH note, so QEMU boots it too).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// The test initramfs.
+    #[arg(long)]
+    initramfs: PathBuf,
+    /// Runs of each VMM.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+fn moat_command(args: &Args) -> Command {
+    let mut cmd = Command::new(&args.vmm);
+    cmd.arg("--kernel")
+        .arg(&args.kernel)
+        .arg("--initramfs")
+        .arg(&args.initramfs)
+        .args(["--vcpus", "1", "--memory", &args.memory.to_string()])
+        .args(["--cmdline", CMDLINE]);
+    cmd
+}
+
+fn qemu_command(args: &Args) -> Command {
+    let mut cmd = Command::new(&args.qemu);
+    cmd.args([
+        "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1",
+    ])
+    .args(["-m", &args.memory.to_string()])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(&args.kernel)
+    .arg("-initrd")
+    .arg(&args.initramfs)
+    .args(["-append", CMDLINE]);
+    cmd
+}
+
+fn qemu_version(qemu: &PathBuf) -> String {
+    Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown version".into())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let host = std::env::var("MOAT_KVM_HOST")
+        .unwrap_or_else(|_| "unknown (not run through kvm-run)".into());
+    println!(
+        "bench-boot: VMM start -> guest init (first line of the test init on the serial console)"
+    );
+    println!("KVM host: {host}");
+    println!("kernel: {}", args.kernel.display());
+    println!("initramfs: {}", args.initramfs.display());
+    println!(
+        "guest: 1 vCPU, {} MiB, command line: {CMDLINE}",
+        args.memory
+    );
+    println!(
+        "peer: {} -M microvm -accel kvm, same kernel, initramfs and command line",
+        qemu_version(&args.qemu)
+    );
+    println!("runs: {} of each, interleaved", args.runs);
+    println!();
+    println!(
+        "{:>3}  {:>12} {:>12}  {:>13} {:>13}  {:>12} {:>12}",
+        "run",
+        "moat_init_ms",
+        "qemu_init_ms",
+        "moat_total_ms",
+        "qemu_total_ms",
+        "moat_rss_kib",
+        "qemu_rss_kib"
+    );
+
+    let mut moat: Vec<RunSample> = Vec::new();
+    let mut qemu: Vec<RunSample> = Vec::new();
+    for run in 1..=args.runs {
+        let m = run_to_marker(moat_command(&args), INIT_MARKER, RUN_TIMEOUT);
+        let q = run_to_marker(qemu_command(&args), INIT_MARKER, RUN_TIMEOUT);
+        match (m, q) {
+            (Ok(m), Ok(q)) => {
+                println!(
+                    "{run:>3}  {:>12.0} {:>12.0}  {:>13.0} {:>13.0}  {:>12} {:>12}",
+                    ms(m.to_marker),
+                    ms(q.to_marker),
+                    ms(m.total),
+                    ms(q.total),
+                    m.max_rss_kib,
+                    q.max_rss_kib
+                );
+                moat.push(m);
+                qemu.push(q);
+            }
+            (m, q) => {
+                for err in [m.err(), q.err()].into_iter().flatten() {
+                    eprintln!("bench-boot: run {run} failed: {err}");
+                }
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+
+    let med = |samples: &[RunSample], f: fn(&RunSample) -> f64| {
+        median(&samples.iter().map(f).collect::<Vec<_>>())
+    };
+    let init = (
+        med(&moat, |s| ms(s.to_marker)),
+        med(&qemu, |s| ms(s.to_marker)),
+    );
+    let total = (med(&moat, |s| ms(s.total)), med(&qemu, |s| ms(s.total)));
+    let rss = (
+        med(&moat, |s| s.max_rss_kib as f64),
+        med(&qemu, |s| s.max_rss_kib as f64),
+    );
+    println!();
+    println!(
+        "median VMM start -> guest init: moat {:.0} ms, qemu {:.0} ms, ratio moat/qemu {:.2}",
+        init.0,
+        init.1,
+        init.0 / init.1
+    );
+    println!(
+        "median VMM start -> VMM exit:   moat {:.0} ms, qemu {:.0} ms, ratio moat/qemu {:.2}",
+        total.0,
+        total.1,
+        total.0 / total.1
+    );
+    println!(
+        "median peak RSS:                moat {:.1} MiB, qemu {:.1} MiB, ratio moat/qemu {:.2}",
+        rss.0 / 1024.0,
+        rss.1 / 1024.0,
+        rss.0 / rss.1
+    );
+    ExitCode::SUCCESS
+}
