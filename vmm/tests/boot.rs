@@ -87,36 +87,88 @@ fn elf_vmlinux_boots_and_guest_sees_cmdline_memory_and_vcpus() {
     );
     assert!(run.stdout.contains("MOAT_GUEST init done"), "{all}");
     assert!(run.stderr.contains("guest stopped (GuestReset)"), "{all}");
+    assert!(
+        !run.stderr.contains("did not stop in time"),
+        "both vCPU threads stop\n{all}"
+    );
 }
 
 #[test]
-fn guest_power_off_ends_the_vmm_with_status_zero() {
+fn guest_power_off_ends_the_vmm_with_status_zero_and_console_goes_to_a_file() {
     let initramfs = test_initramfs("boot-poweroff");
-    let run = boot(
-        &guest_vmlinux(),
-        &initramfs,
-        &["--append", "quiet moat_exit=poweroff"],
+    // Writes inside the harness VM stay there, so the same shell prints the
+    // console file after moat-vmm has exited.
+    let script = format!(
+        "{vmm} --kernel {kernel} --initramfs {initramfs} --vcpus 2 \
+           --append 'quiet moat_exit=poweroff' --serial file:/tmp/moat-console.log; \
+         status=$?; sed 's/^/console: /' /tmp/moat-console.log; exit $status",
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
     );
+    let run = kvm_run(&["sh", "-c", &script]);
     let all = run.describe();
     assert_eq!(run.code, 0, "{all}");
-    assert!(run.stdout.contains("MOAT_GUEST init done"), "{all}");
+    assert!(
+        run.stdout.contains("console: MOAT_GUEST init done"),
+        "{all}"
+    );
+    assert!(
+        !run.stdout.lines().any(|l| l.starts_with("MOAT_GUEST")),
+        "console output goes only to the file\n{all}"
+    );
     assert!(
         run.stderr.contains("guest stopped (GuestPowerOff)"),
         "{all}"
     );
+    assert!(
+        !run.stderr.contains("did not stop in time"),
+        "both vCPU threads stop\n{all}"
+    );
 }
 
 #[test]
-fn bzimage_boots_with_one_vcpu() {
+fn bzimage_boots_with_one_vcpu_from_a_json_config() {
     let initramfs = test_initramfs("boot-bzimage");
-    let run = boot(
-        &guest_bzimage(),
-        &initramfs,
-        &["--memory", "128", "--append", "quiet"],
+    let config = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bzimage-config.json");
+    let json = format!(
+        r#"{{"kernel": "{}", "initramfs": "{}", "memory_mib": 128, "vcpus": 1, "append": "quiet"}}"#,
+        guest_bzimage().display(),
+        initramfs.display()
     );
+    std::fs::write(&config, json).unwrap();
+    let run = kvm_run(&[
+        vmm_binary().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     let all = run.describe();
     assert_eq!(run.code, 0, "{all}");
     assert_eq!(run.guest_value("vcpus"), Some("1"), "{all}");
+    assert!(
+        run.guest_value("cmdline")
+            .is_some_and(|c| c.ends_with(" quiet")),
+        "{all}"
+    );
     assert!(run.stderr.contains("moat-vmm: guest boot time: "), "{all}");
     assert!(run.stderr.contains("guest stopped (GuestReset)"), "{all}");
+}
+
+#[test]
+fn missing_dev_kvm_is_named() {
+    // A private mount namespace with an empty /dev: the host check passes
+    // (this is a KVM host) and opening /dev/kvm fails.
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {vmm} --kernel {kernel}",
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+    );
+    let run = kvm_run(&["unshare", "--mount", "sh", "-c", &script]);
+    assert_eq!(run.code, 1, "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("moat-vmm: error: KVM: cannot open /dev/kvm: No such file or directory"),
+        "{}",
+        run.describe()
+    );
 }
