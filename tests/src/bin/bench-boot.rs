@@ -14,8 +14,10 @@ use moat_tests::measure::{median, run_to_marker, RunSample};
 /// What the test initramfs prints first, before it does anything else.
 const INIT_MARKER: &str = "MOAT_GUEST init started";
 /// Kernel arguments both VMMs get: moat-vmm's default command line, quiet,
-/// and the test init's bench mode (print the marker, then reboot).
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux \
+/// and the test init's bench mode (print the marker, then reboot). The one
+/// change is `reboot=t`: QEMU's microvm has no i8042, so a triple-fault
+/// reset is the reboot path both machines share (moat-vmm ends on either).
+const CMDLINE: &str = "console=ttyS0 reboot=t panic=1 pci=off nomodule i8042.noaux i8042.nomux \
                        i8042.nopnp i8042.dumbkbd quiet moat_mode=bench";
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
