@@ -132,37 +132,60 @@ fn io_err<'a>(
     }
 }
 
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BuildError> {
+/// The boot formats moat-vmm knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Opens the kernel image and recognises its format from its magic bytes,
+/// so that a wrong file is refused before KVM is touched.
+fn open_kernel(path: &Path) -> Result<(File, KernelFormat), BuildError> {
     let mut file = File::open(path).map_err(io_err("kernel image", path))?;
     let mut magic = [0u8; 4];
-    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
-    let is_bzimage = !is_elf
-        && file.seek(SeekFrom::Start(BZIMAGE_HDRS_OFFSET)).is_ok()
+    let format = if file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF" {
+        KernelFormat::Elf
+    } else if file.seek(SeekFrom::Start(BZIMAGE_HDRS_OFFSET)).is_ok()
         && file.read_exact(&mut magic).is_ok()
-        && magic == *b"HdrS";
+        && magic == *b"HdrS"
+    {
+        KernelFormat::BzImage
+    } else {
+        return Err(BuildError::KernelFormat(path.to_path_buf()));
+    };
     file.rewind().map_err(io_err("kernel image", path))?;
+    Ok((file, format))
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mut file: File,
+    format: KernelFormat,
+) -> Result<LoadedKernel, BuildError> {
     let load_err = |source| BuildError::KernelLoad {
         path: path.to_path_buf(),
         source,
     };
-    if is_elf {
-        let result =
-            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-        Ok(LoadedKernel {
-            entry: result.kernel_load.0,
-            end: result.kernel_end,
-            header: None,
-        })
-    } else if is_bzimage {
-        let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(load_err)?;
-        Ok(LoadedKernel {
-            entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
-            end: result.kernel_end,
-            header: result.setup_header,
-        })
-    } else {
-        Err(BuildError::KernelFormat(path.to_path_buf()))
+    let himem = Some(GuestAddress(HIMEM_START));
+    match format {
+        KernelFormat::Elf => {
+            let result = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            Ok(LoadedKernel {
+                entry: result.kernel_load.0,
+                end: result.kernel_end,
+                header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let result = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            Ok(LoadedKernel {
+                entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                end: result.kernel_end,
+                header: result.setup_header,
+            })
+        }
     }
 }
 
@@ -252,13 +275,14 @@ fn attach_legacy_devices(
 /// powers off, or a vCPU fails. `vmm_start` is when the VMM process began,
 /// for the boot-time marker.
 pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildError> {
+    let (kernel_file, kernel_format) = open_kernel(&config.kernel)?;
     let kvm = vm::open_kvm()?;
     let mem_size = config.memory_mib << 20;
     let guest_memory = memory::create_guest_memory(mem_size)?;
     let vm = vm::create_vm(&kvm)?;
     memory::register_guest_memory(&vm, &guest_memory)?;
 
-    let kernel = load_kernel(&guest_memory, &config.kernel)?;
+    let kernel = load_kernel(&guest_memory, &config.kernel, kernel_file, kernel_format)?;
     let initrd = match &config.initramfs {
         Some(path) => Some(load_initrd(&guest_memory, path, mem_size, &kernel)?),
         None => None,
@@ -337,10 +361,7 @@ mod tests {
     #[test]
     fn kernel_in_no_known_format_is_named() {
         let path = temp_file("not-a-kernel", &[0u8; 4096]);
-        let err = load_kernel(&guest_memory(), &path)
-            .err()
-            .unwrap()
-            .to_string();
+        let err = open_kernel(&path).err().unwrap().to_string();
         std::fs::remove_file(&path).unwrap();
         assert!(
             err.contains("is neither an ELF vmlinux nor a bzImage"),
@@ -352,12 +373,27 @@ mod tests {
     #[test]
     fn truncated_elf_is_refused_by_the_loader() {
         let path = temp_file("truncated-elf", b"\x7fELF\x02\x01\x01");
-        let err = load_kernel(&guest_memory(), &path)
+        let (file, format) = open_kernel(&path).unwrap();
+        assert_eq!(format, KernelFormat::Elf);
+        let err = load_kernel(&guest_memory(), &path, file, format)
             .err()
             .unwrap()
             .to_string();
         std::fs::remove_file(&path).unwrap();
         assert!(err.contains("truncated-elf: cannot load it"), "{err}");
+    }
+
+    #[test]
+    fn bzimage_is_recognised_by_its_header_magic() {
+        let mut image = vec![0u8; 4096];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        let path = temp_file("fake-bzimage", &image);
+        let (_, format) = open_kernel(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(format, KernelFormat::BzImage);
+        let short = temp_file("short-kernel", b"HdrS");
+        assert!(open_kernel(&short).is_err());
+        std::fs::remove_file(&short).unwrap();
     }
 
     #[test]

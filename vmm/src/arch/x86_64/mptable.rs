@@ -171,11 +171,22 @@ mod tests {
         // Interrupt sources follow the CPU, bus and IOAPIC entries.
         let first = MPF_SIZE + MPC_HEADER_SIZE + CPU_ENTRY_SIZE + 2 * SMALL_ENTRY_SIZE;
         let sources: Vec<&[u8]> = table[first..].chunks(SMALL_ENTRY_SIZE).collect();
-        let pins: Vec<u8> = sources.iter().filter(|e| e[0] == MP_INTSRC).map(|e| e[7]).collect();
+        let pins: Vec<u8> = sources
+            .iter()
+            .filter(|e| e[0] == MP_INTSRC)
+            .map(|e| e[7])
+            .collect();
         assert_eq!(pins, (0..IOAPIC_PINS).collect::<Vec<_>>());
         let ioapic_id = table[first - SMALL_ENTRY_SIZE + 1];
-        assert!(sources.iter().filter(|e| e[0] == MP_INTSRC).all(|e| e[6] == ioapic_id));
-        let lints: Vec<u8> = sources.iter().filter(|e| e[0] == MP_LINTSRC).map(|e| e[1]).collect();
+        assert!(sources
+            .iter()
+            .filter(|e| e[0] == MP_INTSRC)
+            .all(|e| e[6] == ioapic_id));
+        let lints: Vec<u8> = sources
+            .iter()
+            .filter(|e| e[0] == MP_LINTSRC)
+            .map(|e| e[1])
+            .collect();
         assert_eq!(lints, vec![MP_IRQ_EXTINT, MP_IRQ_NMI]);
     }
 
