@@ -60,7 +60,7 @@ harness-test:
 
 # KVM boots go through the harness one at a time: each starts its own L1.
 kvm-test:
-	cargo test -p moat-vmm --test boot -- --test-threads=1
+	cargo test -p moat-vmm --test boot --test virtio -- --test-threads=1
 
 ## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS.
 bench-boot: deps kernel build-release initramfs

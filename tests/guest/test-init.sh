@@ -19,6 +19,14 @@ if [ "${moat_mode:-report}" = report ]; then
   echo "MOAT_GUEST memtotal_kib: $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
   dmesg | grep -o 'BIOS-e820: .*usable' | sed 's/^/MOAT_GUEST /'
   echo "MOAT_GUEST clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+  for dev in /sys/bus/virtio/devices/*; do
+    [ -e "$dev" ] && echo "MOAT_GUEST virtio: $(basename "$dev") device $(cat "$dev/device")"
+  done
+  if [ -c /dev/hwrng ]; then
+    echo "MOAT_GUEST hwrng source: $(cat /sys/class/misc/hw_random/rng_current)"
+    echo "MOAT_GUEST hwrng bytes: $(head -c 65536 /dev/hwrng | wc -c)"
+    echo "MOAT_GUEST hwrng distinct reads: $(head -c 32 /dev/hwrng | md5sum | cut -c1-8) $(head -c 32 /dev/hwrng | md5sum | cut -c1-8)"
+  fi
 fi
 
 # Boot-time marker: value 123 to port 0x3f0 (1008).

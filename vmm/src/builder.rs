@@ -9,14 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Cap, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use crate::arch::x86_64::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_DEVICES_START, VIRTIO_IRQ_BASE,
+    VIRTIO_IRQ_MAX,
+};
 use crate::arch::x86_64::{self as arch, ArchError, InitrdRange};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
@@ -25,10 +28,13 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_PORT};
-use crate::devices::{BusError, PioBus};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::{Bus, BusError};
 use crate::shutdown::{ExitReason, StopSignal};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{self, BootSpec, Vcpu, VcpuError};
+use crate::vstate::vcpu::{self, BootSpec, Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError};
 
 /// Offset of the 64-bit entry point from the start of a bzImage's
@@ -245,7 +251,7 @@ fn attach_legacy_devices(
     stop: &StopSignal,
     vmm_start: Instant,
     boot_time: Arc<Mutex<Option<Duration>>>,
-) -> Result<PioBus, BuildError> {
+) -> Result<Bus, BuildError> {
     let device_err = |what: &str, e: std::io::Error| BuildError::Device(format!("{what}: {e}"));
     let com1_irq =
         EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("COM1 interrupt eventfd", e))?;
@@ -256,7 +262,7 @@ fn attach_legacy_devices(
         ConsoleSink::new(console, stop.clone()),
     );
 
-    let mut bus = PioBus::new();
+    let mut bus = Bus::pio();
     bus.insert(COM1_PORT, COM1_PORT_COUNT, Arc::new(Mutex::new(serial)))?;
     bus.insert(
         I8042_PORT,
@@ -269,6 +275,59 @@ fn attach_legacy_devices(
         Arc::new(Mutex::new(BootTimer::new(vmm_start, boot_time))),
     )?;
     Ok(bus)
+}
+
+/// Places the virtio devices in consecutive MMIO windows with consecutive
+/// IRQs, wires their notifications (ioeventfd) and interrupts (irqfd), and
+/// returns the MMIO bus and the `virtio_mmio.device=` kernel arguments
+/// that tell the guest where they are.
+fn attach_virtio_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<(Bus, Vec<String>), BuildError> {
+    let mut bus = Bus::mmio();
+    let mut args = Vec::new();
+    for (index, device) in devices.into_iter().enumerate() {
+        let irq = VIRTIO_IRQ_BASE + index as u32;
+        if irq > VIRTIO_IRQ_MAX {
+            return Err(BuildError::Device(format!(
+                "too many virtio devices: at most {} fit the IOAPIC",
+                VIRTIO_IRQ_MAX - VIRTIO_IRQ_BASE + 1
+            )));
+        }
+        let base = MMIO_DEVICES_START + index as u64 * MMIO_WINDOW_SIZE;
+        let kind = device.device_type();
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            BuildError::Device(format!(
+                "virtio device {index} (type {kind}) at {base:#x}: {what}: {e}"
+            ))
+        };
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|e| fail("interrupt eventfd", &e))?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(|e| fail("attach IRQ", &e))?;
+        let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)))
+            .map_err(|e| fail("queue eventfds", &e))?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|e| fail("register queue notification", &e))?;
+        }
+        bus.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        args.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    Ok((bus, args))
+}
+
+fn virtio_devices(config: &VmConfig) -> Vec<Box<dyn VirtioDevice>> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if config.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    devices
 }
 
 /// Builds the VM `config` describes and runs it until the guest resets or
@@ -287,7 +346,14 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         Some(path) => Some(load_initrd(&guest_memory, path, mem_size, &kernel)?),
         None => None,
     };
-    let cmdline_size = write_cmdline(&guest_memory, &config.cmdline)?;
+    let (mmio_bus, device_args) =
+        attach_virtio_devices(&vm, &guest_memory, virtio_devices(config))?;
+    let mut cmdline = config.cmdline.clone();
+    for arg in device_args {
+        cmdline.push(' ');
+        cmdline.push_str(&arg);
+    }
+    let cmdline_size = write_cmdline(&guest_memory, &cmdline)?;
     arch::configure_system(
         &guest_memory,
         mem_size,
@@ -300,7 +366,11 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
     let stop = StopSignal::new();
     let boot_time = Arc::new(Mutex::new(None));
     let console = console_writer(&config.serial)?;
-    let bus = attach_legacy_devices(&vm, console, &stop, vmm_start, boot_time.clone())?;
+    let pio_bus = attach_legacy_devices(&vm, console, &stop, vmm_start, boot_time.clone())?;
+    let buses = Buses {
+        pio: pio_bus,
+        mmio: mmio_bus,
+    };
 
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -324,7 +394,7 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
     vcpu::install_kick_handler()?;
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        match vcpu.start(bus.clone(), stop.clone()) {
+        match vcpu.start(buses.clone(), stop.clone()) {
             Ok(thread) => threads.push(thread),
             Err(e) => {
                 stop.raise(ExitReason::VcpuFailure(e.to_string()));

@@ -134,6 +134,8 @@ pub struct ConfigLayer {
     pub memory_mib: Option<u64>,
     /// Serial console output: "stdout", "none" or "file:PATH".
     pub serial: Option<String>,
+    /// Whether the guest gets a virtio-rng entropy device.
+    pub rng: Option<bool>,
 }
 
 impl ConfigLayer {
@@ -159,6 +161,7 @@ impl ConfigLayer {
             vcpus: over.vcpus.or(self.vcpus),
             memory_mib: over.memory_mib.or(self.memory_mib),
             serial: over.serial.or(self.serial),
+            rng: over.rng.or(self.rng),
         }
     }
 
@@ -202,6 +205,7 @@ impl ConfigLayer {
             vcpus,
             memory_mib,
             serial,
+            rng: self.rng.unwrap_or(false),
         })
     }
 }
@@ -253,6 +257,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Where the serial console goes.
     pub serial: SerialOutput,
+    /// Whether the guest gets a virtio-rng entropy device.
+    pub rng: bool,
 }
 
 /// This host's RAM in MiB, from `/proc/meminfo` (0 if it cannot be read,
@@ -317,7 +323,8 @@ mod tests {
 
     #[test]
     fn json_file_is_parsed_and_flags_override_it() {
-        let json = r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 256, "serial": "none"}"#;
+        let json =
+            r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 256, "serial": "none", "rng": true}"#;
         let file: ConfigLayer = serde_json::from_str(json).unwrap();
         let flags = ConfigLayer {
             vcpus: Some(4),
@@ -328,6 +335,7 @@ mod tests {
         assert_eq!(merged.memory_mib, Some(256));
         assert_eq!(merged.kernel, Some(PathBuf::from("/k")));
         assert_eq!(merged.serial.as_deref(), Some("none"));
+        assert_eq!(merged.rng, Some(true));
     }
 
     #[test]

@@ -37,6 +37,9 @@ struct Cli {
     /// Serial console output: stdout, none or file:PATH (default stdout).
     #[arg(long, value_name = "OUTPUT")]
     serial: Option<String>,
+    /// Give the guest a virtio-rng entropy device.
+    #[arg(long)]
+    rng: bool,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
         vcpus: cli.vcpus,
         memory_mib: cli.memory,
         serial: cli.serial,
+        rng: cli.rng.then_some(true),
     };
     let config = file_layer
         .overridden_by(flags_layer)

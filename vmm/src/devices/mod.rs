@@ -1,67 +1,82 @@
-//! Emulated devices and the port-I/O bus that routes guest accesses to them.
+//! Emulated devices and the buses (port I/O and MMIO) that route guest
+//! accesses to them.
 
 pub mod legacy;
 pub mod pseudo;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 
-/// A device on the port-I/O bus. Offsets are relative to the device's base.
+/// A device on a bus. Offsets are relative to the device's base.
 pub trait BusDevice: Send {
     /// The guest reads `data.len()` bytes at `offset`.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
+    fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset`.
-    fn write(&mut self, offset: u16, data: &[u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 /// Errors registering devices on a bus.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// Two devices claim overlapping port ranges.
-    #[error("port range {base:#x}+{len} overlaps a device already at {other_base:#x}+{other_len}")]
+    /// Two devices claim overlapping ranges.
+    #[error("range {base:#x}+{len} overlaps a device already at {other_base:#x}+{other_len}")]
     Overlap {
         /// Base of the rejected range.
-        base: u16,
+        base: u64,
         /// Length of the rejected range.
-        len: u16,
+        len: u64,
         /// Base of the range already registered.
-        other_base: u16,
+        other_base: u64,
         /// Length of the range already registered.
-        other_len: u16,
+        other_len: u64,
     },
-    /// A range of length zero or one that runs past port 0xffff.
-    #[error("port range {base:#x}+{len} is empty or runs past 0xffff")]
+    /// A range of length zero, or one that runs past the bus's last address.
+    #[error("range {base:#x}+{len} is empty or runs past the end of the bus")]
     BadRange {
         /// Base of the rejected range.
-        base: u16,
+        base: u64,
         /// Length of the rejected range.
-        len: u16,
+        len: u64,
     },
 }
 
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
-/// The port-I/O bus: maps port ranges to devices. Accesses to unclaimed
-/// ports read as all-ones and writes to them are dropped, as on a PC.
-#[derive(Default, Clone)]
-pub struct PioBus {
-    devices: Vec<(u16, u16, SharedDevice)>,
+/// A bus: maps address ranges to devices. Accesses nobody claims read as
+/// all-ones and writes to them are dropped, as on a PC.
+#[derive(Clone)]
+pub struct Bus {
+    last_address: u64,
+    devices: Vec<(u64, u64, SharedDevice)>,
 }
 
-impl PioBus {
-    /// An empty bus.
-    pub fn new() -> Self {
-        Self::default()
+impl Bus {
+    /// The 64 KiB port-I/O space.
+    pub fn pio() -> Self {
+        Self {
+            last_address: 0xffff,
+            devices: Vec::new(),
+        }
     }
 
-    /// Claims ports `base..base + len` for `device`.
-    pub fn insert(&mut self, base: u16, len: u16, device: SharedDevice) -> Result<(), BusError> {
-        if len == 0 || base.checked_add(len - 1).is_none() {
-            return Err(BusError::BadRange { base, len });
+    /// The 64-bit MMIO space.
+    pub fn mmio() -> Self {
+        Self {
+            last_address: u64::MAX,
+            devices: Vec::new(),
         }
-        let end = u32::from(base) + u32::from(len);
+    }
+
+    /// Claims `base..base + len` for `device`.
+    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
+        let last = len
+            .checked_sub(1)
+            .and_then(|l| base.checked_add(l))
+            .filter(|last| *last <= self.last_address)
+            .ok_or(BusError::BadRange { base, len })?;
         for (other_base, other_len, _) in &self.devices {
-            let other_end = u32::from(*other_base) + u32::from(*other_len);
-            if u32::from(base) < other_end && u32::from(*other_base) < end {
+            let other_last = other_base + (other_len - 1);
+            if base <= other_last && *other_base <= last {
                 return Err(BusError::Overlap {
                     base,
                     len,
@@ -74,26 +89,24 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &SharedDevice)> {
+    fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
         self.devices
             .iter()
-            .find(|(base, len, _)| {
-                port >= *base && u32::from(port) < u32::from(*base) + u32::from(*len)
-            })
-            .map(|(base, _, device)| (port - base, device))
+            .find(|(base, len, _)| addr >= *base && addr - base < *len)
+            .map(|(base, _, device)| (addr - base, device))
     }
 
-    /// Routes a guest `in` at `port`.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
+    /// Routes a guest read at `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
             Some((offset, device)) => lock(device).read(offset, data),
             None => data.fill(0xff),
         }
     }
 
-    /// Routes a guest `out` at `port`.
-    pub fn write(&self, port: u16, data: &[u8]) {
-        if let Some((offset, device)) = self.find(port) {
+    /// Routes a guest write at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((offset, device)) = self.find(addr) {
             lock(device).write(offset, data);
         }
     }
@@ -112,14 +125,14 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        writes: Vec<(u16, Vec<u8>)>,
+        writes: Vec<(u64, Vec<u8>)>,
     }
 
     impl BusDevice for Recorder {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));
         }
     }
@@ -127,7 +140,7 @@ mod tests {
     #[test]
     fn accesses_reach_the_device_at_their_offset() {
         let device = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = PioBus::new();
+        let mut bus = Bus::pio();
         bus.insert(0x3f8, 8, device.clone()).unwrap();
         let mut data = [0u8; 1];
         bus.read(0x3fd, &mut data);
@@ -138,7 +151,7 @@ mod tests {
 
     #[test]
     fn unclaimed_ports_read_all_ones() {
-        let bus = PioBus::new();
+        let bus = Bus::pio();
         let mut data = [0u8; 2];
         bus.read(0x80, &mut data);
         assert_eq!(data, [0xff, 0xff]);
@@ -147,7 +160,7 @@ mod tests {
 
     #[test]
     fn overlapping_and_bad_ranges_are_refused() {
-        let mut bus = PioBus::new();
+        let mut bus = Bus::pio();
         bus.insert(0x60, 5, Arc::new(Mutex::new(Recorder::default())))
             .unwrap();
         let err = bus

@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
-use crate::devices::PioBus;
+use crate::devices::Bus;
 use crate::shutdown::{ExitReason, StopSignal};
 
 /// How long `stop_vcpus` keeps kicking a vCPU thread before giving up on it.
@@ -59,6 +59,15 @@ pub enum VcpuError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// The buses a vCPU routes its I/O exits to.
+#[derive(Clone)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
 }
 
 /// What a vCPU needs to know about the VM to configure itself.
@@ -173,25 +182,25 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on a thread named `moat_vcpu<N>` until `stop` is raised.
-    pub fn start(self, bus: PioBus, stop: StopSignal) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn start(self, buses: Buses, stop: StopSignal) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("moat_vcpu{index}"))
-            .spawn(move || self.run_loop(&bus, &stop))
+            .spawn(move || self.run_loop(&buses, &stop))
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 
-    fn run_loop(mut self, bus: &PioBus, stop: &StopSignal) {
+    fn run_loop(mut self, buses: &Buses, stop: &StopSignal) {
         let index = self.index;
         let fail =
             |what: String| stop.raise(ExitReason::VcpuFailure(format!("vCPU {index}: {what}")));
         while !stop.is_raised() {
             match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-                // No MMIO devices yet: unclaimed MMIO reads as all-ones.
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::IoIn(port, data)) => buses.pio.read(u64::from(port), data),
+                Ok(VcpuExit::IoOut(port, data)) => buses.pio.write(u64::from(port), data),
+                Ok(VcpuExit::MmioRead(addr, data)) => buses.mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => buses.mmio.write(addr, data),
+                Ok(VcpuExit::Intr) => {}
                 // A triple fault resets a PC; for a microVM that ends it.
                 Ok(VcpuExit::Shutdown) => stop.raise(ExitReason::GuestReset),
                 // With the in-kernel LAPIC KVM handles HLT itself; an exit

@@ -48,3 +48,11 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 /// The IOAPIC's number of input pins (GSIs 0..=23).
 pub const IOAPIC_PINS: u8 = 24;
+/// Start of the virtio-mmio device windows (one 4 KiB window each), inside
+/// the 32-bit MMIO hole.
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// The first IRQ (IOAPIC pin) given to virtio devices; lower pins belong
+/// to legacy ISA devices (COM1 is 4).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// The last IOAPIC pin a virtio device can have.
+pub const VIRTIO_IRQ_MAX: u32 = IOAPIC_PINS as u32 - 1;

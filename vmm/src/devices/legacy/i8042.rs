@@ -7,9 +7,9 @@ use crate::devices::BusDevice;
 use crate::shutdown::{ExitReason, StopSignal};
 
 /// Base port of the controller (data at 0x60, command/status at 0x64).
-pub const I8042_PORT: u16 = 0x60;
+pub const I8042_PORT: u64 = 0x60;
 /// Ports decoded from the base: 0x60 through 0x64.
-pub const I8042_PORT_COUNT: u16 = 5;
+pub const I8042_PORT_COUNT: u64 = 5;
 
 /// Raises a guest reset when the controller's reset line is pulsed.
 #[derive(Debug)]
@@ -39,12 +39,12 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = u8::try_from(offset).map_or(0xff, |o| self.inner.read(o));
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
             let _ = self.inner.write(offset, *byte);
         }

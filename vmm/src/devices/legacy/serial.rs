@@ -16,9 +16,9 @@ use crate::devices::BusDevice;
 use crate::shutdown::{ExitReason, StopSignal};
 
 /// The I/O port base of COM1.
-pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_PORT: u64 = 0x3f8;
 /// The number of ports a UART decodes.
-pub const COM1_PORT_COUNT: u16 = 8;
+pub const COM1_PORT_COUNT: u64 = 8;
 /// The ISA IRQ (and GSI) of COM1.
 pub const COM1_IRQ: u32 = 4;
 
@@ -97,7 +97,7 @@ impl SerialDevice {
 }
 
 impl BusDevice for SerialDevice {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let ([byte], Ok(offset)) = (&mut *data, u8::try_from(offset)) {
             *byte = self.serial.read(offset);
         } else {
@@ -105,7 +105,7 @@ impl BusDevice for SerialDevice {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
             // The only failure is the interrupt eventfd, which cannot fill up.
             let _ = self.serial.write(offset, *byte);

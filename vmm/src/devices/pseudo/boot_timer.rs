@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::devices::BusDevice;
 
 /// The port the guest writes the marker to.
-pub const BOOT_TIMER_PORT: u16 = 0x3f0;
+pub const BOOT_TIMER_PORT: u64 = 0x3f0;
 /// The value that marks "boot complete".
 pub const BOOT_COMPLETE_MAGIC: u8 = 123;
 
@@ -30,11 +30,11 @@ impl BootTimer {
 }
 
 impl BusDevice for BootTimer {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset != 0 || data != [BOOT_COMPLETE_MAGIC] {
             return;
         }
