@@ -2,7 +2,11 @@
 # /init of moat's test initramfs. It reports what the guest sees on the
 # console, writes the boot-time marker, and ends the VM.
 # Kernel parameters without dots reach it as environment variables:
-#   moat_mode=report (default) | bench   bench prints only the first line
+#   moat_mode=report (default) | bench | block-write | block-read
+#     bench prints only the first line; block-write fills the first
+#     moat_block_mib MiB (default 64) of /dev/vda with random data and
+#     prints its SHA-256, and tries to write /dev/vdb (read-only);
+#     block-read prints the SHA-256 of the same range
 #   moat_exit=reboot (default) | poweroff
 echo "MOAT_GUEST init started"
 /bin/busybox mkdir -p /proc /sys /dev /bin /sbin /usr/bin /usr/sbin
@@ -28,6 +32,27 @@ if [ "${moat_mode:-report}" = report ]; then
     echo "MOAT_GUEST hwrng distinct reads: $(head -c 32 /dev/hwrng | md5sum | cut -c1-8) $(head -c 32 /dev/hwrng | md5sum | cut -c1-8)"
   fi
 fi
+
+block_bytes=$(( ${moat_block_mib:-64} * 1048576 ))
+case "${moat_mode:-report}" in
+  block-write)
+    echo "MOAT_GUEST vda serial: $(cat /sys/block/vda/serial)"
+    mkdir -p /tmp
+    head -c "$block_bytes" /dev/urandom > /tmp/data
+    echo "MOAT_GUEST vda sha256: $(sha256sum < /tmp/data | cut -d' ' -f1)"
+    dd if=/tmp/data of=/dev/vda bs=1M conv=fsync 2>/dev/null && echo "MOAT_GUEST vda written"
+    rm /tmp/data
+    echo "MOAT_GUEST vdb ro: $(cat /sys/block/vdb/ro)"
+    if echo data | dd of=/dev/vdb 2>/dev/null; then
+      echo "MOAT_GUEST vdb write: succeeded"
+    else
+      echo "MOAT_GUEST vdb write: refused"
+    fi
+    ;;
+  block-read)
+    echo "MOAT_GUEST vda sha256: $(head -c "$block_bytes" /dev/vda | sha256sum | cut -d' ' -f1)"
+    ;;
+esac
 
 # Boot-time marker: value 123 to port 0x3f0 (1008).
 printf '\173' | dd of=/dev/port bs=1 seek=1008 count=1 2>/dev/null

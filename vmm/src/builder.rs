@@ -28,6 +28,7 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -322,12 +323,31 @@ fn attach_virtio_devices(
     Ok((bus, args))
 }
 
-fn virtio_devices(config: &VmConfig) -> Vec<Box<dyn VirtioDevice>> {
+/// The configured virtio devices, block devices first so that the first
+/// one is /dev/vda.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for block in &config.blocks {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!block.readonly)
+            .open(&block.path)
+            .map_err(io_err("block device image", &block.path))?;
+        let size = file
+            .metadata()
+            .map_err(io_err("block device image", &block.path))?
+            .len();
+        devices.push(Box::new(Block::new(Disk::new(
+            file,
+            size,
+            block.readonly,
+            &block.id,
+        ))));
+    }
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
-    devices
+    Ok(devices)
 }
 
 /// Builds the VM `config` describes and runs it until the guest resets or
@@ -347,7 +367,7 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         None => None,
     };
     let (mmio_bus, device_args) =
-        attach_virtio_devices(&vm, &guest_memory, virtio_devices(config))?;
+        attach_virtio_devices(&vm, &guest_memory, virtio_devices(config)?)?;
     let mut cmdline = config.cmdline.clone();
     for arg in device_args {
         cmdline.push(' ');

@@ -83,6 +83,15 @@ pub enum ConfigError {
         /// Why it was refused.
         reason: String,
     },
+    /// A block device description that cannot be parsed.
+    #[error("block device {0:?}: expected id=ID,path=PATH[,readonly]")]
+    BlockSyntax(String),
+    /// A block device ID that is empty, too long or not printable.
+    #[error("block device ID {0:?} must be 1 to 20 printable ASCII characters without commas")]
+    BlockId(String),
+    /// Two block devices with the same ID.
+    #[error("block device ID {0:?} is used twice")]
+    DuplicateBlockId(String),
     /// An unknown serial output.
     #[error("serial output {0:?} is not one of stdout, none, file:PATH")]
     SerialOutput(String),
@@ -115,6 +124,61 @@ impl FromStr for SerialOutput {
     }
 }
 
+/// A block device: a raw image file the guest sees as `/dev/vdX`, in the
+/// order given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// The device's ID, also its serial number (virtio GET_ID).
+    pub id: String,
+    /// The image file.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl FromStr for BlockConfig {
+    type Err = ConfigError;
+
+    /// Parses `id=ID,path=PATH[,readonly]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut id, mut path, mut readonly) = (None, None, false);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) if id.is_none() => id = Some(v.to_string()),
+                Some(("path", v)) if path.is_none() && !v.is_empty() => {
+                    path = Some(PathBuf::from(v))
+                }
+                None if part == "readonly" => readonly = true,
+                _ => return Err(ConfigError::BlockSyntax(s.to_string())),
+            }
+        }
+        match (id, path) {
+            (Some(id), Some(path)) => Ok(BlockConfig { id, path, readonly }),
+            _ => Err(ConfigError::BlockSyntax(s.to_string())),
+        }
+    }
+}
+
+fn check_blocks(blocks: &[BlockConfig]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for block in blocks {
+        let id = &block.id;
+        if id.is_empty()
+            || id.len() > 20
+            || !id.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
+        {
+            return Err(ConfigError::BlockId(id.clone()));
+        }
+        if !seen.insert(id.as_str()) {
+            return Err(ConfigError::DuplicateBlockId(id.clone()));
+        }
+        check_file("block device image", &block.path)?;
+    }
+    Ok(())
+}
+
 /// A configuration as written: in the JSON file or as flags. Every field is
 /// optional; a later layer overrides an earlier one.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -136,6 +200,8 @@ pub struct ConfigLayer {
     pub serial: Option<String>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub rng: Option<bool>,
+    /// Block devices, in guest order.
+    pub blocks: Option<Vec<BlockConfig>>,
 }
 
 impl ConfigLayer {
@@ -162,6 +228,7 @@ impl ConfigLayer {
             memory_mib: over.memory_mib.or(self.memory_mib),
             serial: over.serial.or(self.serial),
             rng: over.rng.or(self.rng),
+            blocks: over.blocks.or(self.blocks),
         }
     }
 
@@ -198,6 +265,8 @@ impl ConfigLayer {
         check_cmdline(&cmdline)?;
 
         let serial = self.serial.as_deref().unwrap_or("stdout").parse()?;
+        let blocks = self.blocks.unwrap_or_default();
+        check_blocks(&blocks)?;
         Ok(VmConfig {
             kernel,
             initramfs: self.initramfs,
@@ -206,6 +275,7 @@ impl ConfigLayer {
             memory_mib,
             serial,
             rng: self.rng.unwrap_or(false),
+            blocks,
         })
     }
 }
@@ -259,6 +329,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Whether the guest gets a virtio-rng entropy device.
     pub rng: bool,
+    /// Block devices, in guest order.
+    pub blocks: Vec<BlockConfig>,
 }
 
 /// This host's RAM in MiB, from `/proc/meminfo` (0 if it cannot be read,
@@ -466,6 +538,71 @@ mod tests {
         .resolve(HOST_MIB)
         .unwrap_err();
         assert!(err.to_string().contains("printable ASCII"), "{err}");
+    }
+
+    #[test]
+    fn block_devices_parse_and_are_checked() {
+        let image = kernel_file();
+        let spec = format!("id=rootfs,path={},readonly", image.display());
+        let block: BlockConfig = spec.parse().unwrap();
+        assert_eq!(
+            block,
+            BlockConfig {
+                id: "rootfs".into(),
+                path: image.clone(),
+                readonly: true
+            }
+        );
+        for bad in [
+            "path=/x",
+            "id=a",
+            "id=a,path=/x,rw",
+            "id=a,id=b,path=/x",
+            "id=a,path=",
+        ] {
+            let err = bad.parse::<BlockConfig>().unwrap_err();
+            assert!(
+                err.to_string().contains("expected id=ID,path=PATH"),
+                "{bad}: {err}"
+            );
+        }
+        let twice = vec![block.clone(), block.clone()];
+        let err = ConfigLayer {
+            blocks: Some(twice),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert_eq!(err.to_string(), "block device ID \"rootfs\" is used twice");
+        let long = BlockConfig {
+            id: "x".repeat(21),
+            ..block.clone()
+        };
+        let err = ConfigLayer {
+            blocks: Some(vec![long]),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert!(err.to_string().contains("1 to 20 printable"), "{err}");
+        let missing = BlockConfig {
+            path: "/nonexistent/disk.img".into(),
+            ..block.clone()
+        };
+        let err = ConfigLayer {
+            blocks: Some(vec![missing]),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("block device image /nonexistent/disk.img: No such file"),
+            "{err}"
+        );
+        let json = r#"{"kernel": "/k", "blocks": [{"id": "data", "path": "/d.img"}]}"#;
+        let layer: ConfigLayer = serde_json::from_str(json).unwrap();
+        assert!(!layer.blocks.unwrap()[0].readonly, "read-write by default");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use moat_vmm::builder::run_vm;
-use moat_vmm::config::{host_memory_mib, ConfigLayer};
+use moat_vmm::config::{host_memory_mib, BlockConfig, ConfigLayer};
 
 /// Boot a Linux kernel in a KVM microVM.
 #[derive(Debug, Parser)]
@@ -40,6 +40,10 @@ struct Cli {
     /// Give the guest a virtio-rng entropy device.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio block device: id=ID,path=IMAGE[,readonly] (repeatable;
+    /// the first is /dev/vda).
+    #[arg(long, value_name = "SPEC")]
+    block: Vec<BlockConfig>,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,7 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
         memory_mib: cli.memory,
         serial: cli.serial,
         rng: cli.rng.then_some(true),
+        blocks: (!cli.block.is_empty()).then_some(cli.block),
     };
     let config = file_layer
         .overridden_by(flags_layer)

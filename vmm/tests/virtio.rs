@@ -48,3 +48,61 @@ fn virtio_rng_feeds_the_guest_hwrng() {
         "two reads differ\n{all}"
     );
 }
+
+#[test]
+fn virtio_blk_64mib_survives_a_vm_restart_and_read_only_disk_refuses_writes() {
+    let initramfs = test_initramfs("virtio-blk");
+    // One harness run, two VMs: the images live in the harness VM's
+    // throwaway filesystem, so both boots and the host-side hash of the
+    // image happen in the same script.
+    let script = format!(
+        r#"set -e
+        truncate -s 128M /tmp/data.img; truncate -s 8M /tmp/ro.img
+        boot() {{ {vmm} --kernel {kernel} --initramfs {initramfs} --memory 256 "$@"; }}
+        boot --block id=data-disk,path=/tmp/data.img --block id=ro-disk,path=/tmp/ro.img,readonly \
+             --append "quiet moat_mode=block-write"
+        boot --block id=data-disk,path=/tmp/data.img --append "quiet moat_mode=block-read"
+        echo "image sha256: $(head -c 67108864 /tmp/data.img | sha256sum | cut -d' ' -f1)"
+        echo "read-only image untouched: $(cmp -s /tmp/ro.img /dev/zero -n 8388608 && echo yes || echo no)""#,
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
+    );
+    let run = kvm_run(&["bash", "-c", &script]);
+    let all = run.describe();
+    assert_eq!(run.code, 0, "{all}");
+    assert_eq!(
+        run.guest_value("vda serial"),
+        Some("data-disk"),
+        "GET_ID reaches the guest\n{all}"
+    );
+    let hashes: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix("MOAT_GUEST vda sha256: ")
+        })
+        .collect();
+    assert_eq!(
+        hashes.len(),
+        2,
+        "written, then read back after a restart\n{all}"
+    );
+    assert_eq!(hashes[0].len(), 64, "{all}");
+    assert_eq!(
+        hashes[0], hashes[1],
+        "data read back after the restart\n{all}"
+    );
+    let image = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("image sha256: "));
+    assert_eq!(image, Some(hashes[0]), "data reached the image file\n{all}");
+    assert_eq!(run.guest_value("vdb ro"), Some("1"), "{all}");
+    assert_eq!(run.guest_value("vdb write"), Some("refused"), "{all}");
+    assert!(
+        run.stdout.contains("read-only image untouched: yes"),
+        "{all}"
+    );
+}

@@ -10,6 +10,7 @@
 //! descriptor against guest memory and answer a bad request with an error
 //! status or by dropping it, never with a panic.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 
