@@ -12,7 +12,7 @@ DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison 
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux
 
 .PHONY: demo test deps kernel initramfs build build-release lint unit-test \
-	harness-test kvm-test bench-boot
+	harness-test test-tools kvm-test bench-boot
 
 ## demo: build everything, boot a microVM, show what the guest sees.
 demo: deps kernel build-release initramfs
@@ -58,8 +58,15 @@ unit-test:
 harness-test:
 	tests/harness/selftest
 
+# Helper programs of the tests: vsock-host runs beside the VM, vsock-guest
+# (static) inside the test initramfs.
+test-tools:
+	cargo build -p moat-tests --bins
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-tests --bin vsock-guest \
+		--release --target x86_64-unknown-linux-gnu
+
 # KVM boots go through the harness one at a time: each starts its own L1.
-kvm-test:
+kvm-test: test-tools
 	cargo test -p moat-vmm --test boot --test virtio -- --test-threads=1
 
 ## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS.

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Builds moat's test initramfs: a static busybox and test-init.sh as /init,
 # as an uncompressed newc cpio. Prints the path of the image.
-#   $1  output path (default: $CARGO_TARGET_DIR or target/, moat-guest/test-initramfs.cpio)
+#   $1     output path (default: $CARGO_TARGET_DIR or target/, moat-guest/test-initramfs.cpio)
+#   $2...  more static executables to put in /bin
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out=${1:-${CARGO_TARGET_DIR:-$repo/target}/moat-guest/test-initramfs.cpio}
+extra=("${@:2}")
 
 busybox=/bin/busybox
-is_static() { ! ldd "$1" >/dev/null 2>&1; }
+# A dynamic executable names its program interpreter (static-pie ones don't).
+is_static() { ! readelf -l "$1" 2>/dev/null | grep -q 'program interpreter'; }
 if ! [ -x "$busybox" ] || ! is_static "$busybox"; then
   echo "build-initramfs: installing busybox-static" >&2
   export DEBIAN_FRONTEND=noninteractive
@@ -27,6 +30,13 @@ ln -s busybox "$staging/bin/sh"
 # devtmpfs, so the node must be in the image.
 mknod -m 600 "$staging/dev/console" c 5 1
 install -m 0755 "$here/test-init.sh" "$staging/init"
+for exe in "${extra[@]}"; do
+  if ! is_static "$exe"; then
+    echo "build-initramfs: $exe is not a static executable" >&2
+    exit 1
+  fi
+  install -m 0755 "$exe" "$staging/bin/$(basename "$exe")"
+done
 
 mkdir -p "$(dirname "$out")"
 (cd "$staging" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) > "$out.tmp"

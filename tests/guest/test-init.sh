@@ -2,11 +2,13 @@
 # /init of moat's test initramfs. It reports what the guest sees on the
 # console, writes the boot-time marker, and ends the VM.
 # Kernel parameters without dots reach it as environment variables:
-#   moat_mode=report (default) | bench | block-write | block-read
+#   moat_mode=report (default) | bench | block-write | block-read | vsock
 #     bench prints only the first line; block-write fills the first
 #     moat_block_mib MiB (default 64) of /dev/vda with random data and
 #     prints its SHA-256, and tries to write /dev/vdb (read-only);
-#     block-read prints the SHA-256 of the same range
+#     block-read prints the SHA-256 of the same range; vsock runs the
+#     guest half of the vsock scenario (see vmm/tests/virtio.rs) with
+#     moat_vsock_mib MiB (default 256) bulk transfers
 #   moat_exit=reboot (default) | poweroff
 echo "MOAT_GUEST init started"
 /bin/busybox mkdir -p /proc /sys /dev /bin /sbin /usr/bin /usr/sbin
@@ -51,6 +53,18 @@ case "${moat_mode:-report}" in
     ;;
   block-read)
     echo "MOAT_GUEST vda sha256: $(head -c "$block_bytes" /dev/vda | sha256sum | cut -d' ' -f1)"
+    ;;
+  vsock)
+    bulk=$(( ${moat_vsock_mib:-256} * 1048576 ))
+    vsock-guest echo-server 5000 &
+    vsock-guest sink 5001 &
+    sink_pid=$!
+    vsock-guest send 6000 "$bulk" 42
+    vsock-guest echo-clients 6001 100 65536
+    vsock-guest refused 6999
+    wait "$sink_pid"
+    # The host's last connection says it is done with the guest's servers.
+    vsock-guest sink 5002 >/dev/null
     ;;
 esac
 

@@ -7,3 +7,4 @@
 //! ratio against a peer measured beside it.
 
 pub mod measure;
+pub mod stream_check;

@@ -31,6 +31,7 @@ use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::shutdown::{ExitReason, StopSignal};
@@ -346,6 +347,11 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
     }
     if config.rng {
         devices.push(Box::new(Rng::new()));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.cid, &vsock.uds_path)
+            .map_err(|e| BuildError::Device(e.to_string()))?;
+        devices.push(Box::new(device));
     }
     Ok(devices)
 }

@@ -92,6 +92,18 @@ pub enum ConfigError {
     /// Two block devices with the same ID.
     #[error("block device ID {0:?} is used twice")]
     DuplicateBlockId(String),
+    /// A vsock description that cannot be parsed.
+    #[error("vsock {0:?}: expected cid=CID,path=SOCKET")]
+    VsockSyntax(String),
+    /// A guest CID outside the usable range.
+    #[error("vsock cid = {0}: a guest CID is 3 to 4294967294")]
+    VsockCid(u64),
+    /// The vsock socket's directory does not exist.
+    #[error("vsock socket {0}: its directory does not exist")]
+    VsockDir(PathBuf),
+    /// The vsock socket path is taken.
+    #[error("vsock socket {0} already exists; remove it or choose another path")]
+    VsockExists(PathBuf),
     /// An unknown serial output.
     #[error("serial output {0:?} is not one of stdout, none, file:PATH")]
     SerialOutput(String),
@@ -179,6 +191,58 @@ fn check_blocks(blocks: &[BlockConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The vsock device: the guest's CID and the host Unix socket that stands
+/// for it (Firecracker's hybrid vsock).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID.
+    pub cid: u64,
+    /// The host socket: clients connect here; guest connections to host
+    /// port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    /// Parses `cid=CID,path=SOCKET`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut cid, mut path) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) if cid.is_none() => cid = v.parse::<u64>().ok(),
+                Some(("path", v)) if path.is_none() && !v.is_empty() => {
+                    path = Some(PathBuf::from(v))
+                }
+                _ => return Err(ConfigError::VsockSyntax(s.to_string())),
+            }
+        }
+        match (cid, path) {
+            (Some(cid), Some(uds_path)) => Ok(VsockConfig { cid, uds_path }),
+            _ => Err(ConfigError::VsockSyntax(s.to_string())),
+        }
+    }
+}
+
+fn check_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
+    if !(3..=u64::from(u32::MAX - 1)).contains(&vsock.cid) {
+        return Err(ConfigError::VsockCid(vsock.cid));
+    }
+    let dir = vsock
+        .uds_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(ConfigError::VsockDir(vsock.uds_path.clone()));
+    }
+    if vsock.uds_path.symlink_metadata().is_ok() {
+        return Err(ConfigError::VsockExists(vsock.uds_path.clone()));
+    }
+    Ok(())
+}
+
 /// A configuration as written: in the JSON file or as flags. Every field is
 /// optional; a later layer overrides an earlier one.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -202,6 +266,8 @@ pub struct ConfigLayer {
     pub rng: Option<bool>,
     /// Block devices, in guest order.
     pub blocks: Option<Vec<BlockConfig>>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl ConfigLayer {
@@ -229,6 +295,7 @@ impl ConfigLayer {
             serial: over.serial.or(self.serial),
             rng: over.rng.or(self.rng),
             blocks: over.blocks.or(self.blocks),
+            vsock: over.vsock.or(self.vsock),
         }
     }
 
@@ -267,6 +334,9 @@ impl ConfigLayer {
         let serial = self.serial.as_deref().unwrap_or("stdout").parse()?;
         let blocks = self.blocks.unwrap_or_default();
         check_blocks(&blocks)?;
+        if let Some(vsock) = &self.vsock {
+            check_vsock(vsock)?;
+        }
         Ok(VmConfig {
             kernel,
             initramfs: self.initramfs,
@@ -276,6 +346,7 @@ impl ConfigLayer {
             serial,
             rng: self.rng.unwrap_or(false),
             blocks,
+            vsock: self.vsock,
         })
     }
 }
@@ -331,6 +402,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Block devices, in guest order.
     pub blocks: Vec<BlockConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// This host's RAM in MiB, from `/proc/meminfo` (0 if it cannot be read,
@@ -603,6 +676,67 @@ mod tests {
         let json = r#"{"kernel": "/k", "blocks": [{"id": "data", "path": "/d.img"}]}"#;
         let layer: ConfigLayer = serde_json::from_str(json).unwrap();
         assert!(!layer.blocks.unwrap()[0].readonly, "read-write by default");
+    }
+
+    #[test]
+    fn vsock_parses_and_is_checked() {
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("moat-vsock-cfg-{}.sock", std::process::id()));
+        let spec = format!("cid=7,path={}", path.display());
+        let vsock: VsockConfig = spec.parse().unwrap();
+        assert_eq!(
+            vsock,
+            VsockConfig {
+                cid: 7,
+                uds_path: path.clone()
+            }
+        );
+        assert!(ConfigLayer {
+            vsock: Some(vsock.clone()),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .is_ok());
+        for bad in ["cid=3", "path=/x", "cid=x,path=/x", "cid=3,path=/x,extra=1"] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+        for cid in [0, 2, u64::from(u32::MAX)] {
+            let err = ConfigLayer {
+                vsock: Some(VsockConfig {
+                    cid,
+                    ..vsock.clone()
+                }),
+                ..layer()
+            }
+            .resolve(HOST_MIB)
+            .unwrap_err();
+            assert!(err.to_string().contains("a guest CID is 3 to"), "{err}");
+        }
+        let nodir = VsockConfig {
+            uds_path: "/nonexistent/dir/v.sock".into(),
+            ..vsock.clone()
+        };
+        let err = ConfigLayer {
+            vsock: Some(nodir),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("its directory does not exist"),
+            "{err}"
+        );
+        let taken = VsockConfig {
+            uds_path: kernel_file(),
+            ..vsock
+        };
+        let err = ConfigLayer {
+            vsock: Some(taken),
+            ..layer()
+        }
+        .resolve(HOST_MIB)
+        .unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use moat_vmm::builder::run_vm;
-use moat_vmm::config::{host_memory_mib, BlockConfig, ConfigLayer};
+use moat_vmm::config::{host_memory_mib, BlockConfig, ConfigLayer, VsockConfig};
 
 /// Boot a Linux kernel in a KVM microVM.
 #[derive(Debug, Parser)]
@@ -44,6 +44,11 @@ struct Cli {
     /// the first is /dev/vda).
     #[arg(long, value_name = "SPEC")]
     block: Vec<BlockConfig>,
+    /// Add the vsock device: cid=CID,path=SOCKET (hybrid vsock: host
+    /// clients connect to SOCKET; guest connections to port P reach
+    /// SOCKET_P).
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<VsockConfig>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +78,7 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
         serial: cli.serial,
         rng: cli.rng.then_some(true),
         blocks: (!cli.block.is_empty()).then_some(cli.block),
+        vsock: cli.vsock,
     };
     let config = file_layer
         .overridden_by(flags_layer)

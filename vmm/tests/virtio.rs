@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{guest_vmlinux, kvm_run, test_initramfs, vmm_binary};
+use common::{guest_vmlinux, kvm_run, test_initramfs, test_initramfs_with, test_tool, vmm_binary};
 
 #[test]
 fn virtio_rng_feeds_the_guest_hwrng() {
@@ -105,4 +105,111 @@ fn virtio_blk_64mib_survives_a_vm_restart_and_read_only_disk_refuses_writes() {
         run.stdout.contains("read-only image untouched: yes"),
         "{all}"
     );
+}
+
+/// MiB each bulk transfer moves in the vsock test. The issue's bar is
+/// 256 MiB; at today's ~2 MiB/s through the nested TCG harness that takes
+/// minutes per direction, so the suite moves 32 MiB until the device is
+/// faster (`MOAT_VSOCK_BULK_MIB=256` runs the full size).
+fn vsock_bulk_mib() -> u64 {
+    std::env::var("MOAT_VSOCK_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+
+#[test]
+fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
+    let guest_tool = test_tool("vsock-guest");
+    let host_tool = test_tool("vsock-host");
+    let initramfs = test_initramfs_with("virtio-vsock", &[&guest_tool]);
+    // The guest half runs from the test init (moat_mode=vsock): an echo
+    // server on 5000 and a sink on 5001 for the host's clients, then its
+    // own 256 MiB send to host port 6000, 100 echo clients to host port
+    // 6001, and a connection to port 6999 where nothing listens.
+    let script = format!(
+        r#"set -u
+        rm -f /tmp/v.sock /tmp/v.sock_*
+        {host} sink /tmp/v.sock_6000 &
+        sink=$!
+        {host} echo-server /tmp/v.sock_6001 &
+        echo_server=$!
+        while [ ! -S /tmp/v.sock_6000 ] || [ ! -S /tmp/v.sock_6001 ]; do sleep 0.1; done
+        {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512 --vcpus 2 \
+            --vsock cid=3,path=/tmp/v.sock --append "quiet moat_mode=vsock moat_vsock_mib={mib}" &
+        vm=$!
+        {host} echo-clients /tmp/v.sock 5000 100 65536
+        {host} send /tmp/v.sock 5001 $(({mib} * 1048576)) 7
+        {host} send /tmp/v.sock 5002 1 1 >/dev/null
+        wait $vm; echo "vm exit status: $?"
+        wait $sink
+        kill $echo_server
+        [ -e /tmp/v.sock ] && echo "vsock socket left behind" || echo "vsock socket removed""#,
+        host = host_tool.display(),
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
+        mib = vsock_bulk_mib(),
+    );
+    let run = kvm_run(&["bash", "-c", &script]);
+    let all = run.describe();
+    let line = |prefix: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    assert!(
+        run.stdout.contains("host echo clients: 100 ok"),
+        "host to guest echo\n{all}"
+    );
+    assert_eq!(
+        run.guest_value("vsock echo clients"),
+        Some("100 ok"),
+        "guest to host echo\n{all}"
+    );
+    assert_eq!(
+        run.guest_value("vsock refused"),
+        Some("ECONNRESET"),
+        "no listener means reset\n{all}"
+    );
+
+    let bytes = vsock_bulk_mib() << 20;
+    let hash_of = |text: Option<String>| {
+        let text = text.unwrap_or_default();
+        let (count, rest) = text.split_once(" bytes sha256 ").unwrap_or(("", ""));
+        (
+            count.parse::<u64>().unwrap_or(0),
+            rest.split(' ').next().unwrap_or("").to_string(),
+        )
+    };
+    let (sent, sent_hash) = hash_of(line("host send: "));
+    let (received, received_hash) = hash_of(run.guest_value("vsock sink").map(str::to_string));
+    assert_eq!(
+        (sent, received),
+        (bytes, bytes),
+        "host to guest bulk\n{all}"
+    );
+    assert!(
+        sent_hash.len() == 64 && sent_hash == received_hash,
+        "host to guest SHA-256\n{all}"
+    );
+    let (sent, sent_hash) = hash_of(run.guest_value("vsock send").map(str::to_string));
+    let (received, received_hash) = hash_of(line("host sink: "));
+    assert_eq!(
+        (sent, received),
+        (bytes, bytes),
+        "guest to host bulk\n{all}"
+    );
+    assert!(
+        sent_hash.len() == 64 && sent_hash == received_hash,
+        "guest to host SHA-256\n{all}"
+    );
+    assert!(run.stdout.contains("vm exit status: 0"), "{all}");
+    assert!(run.stdout.contains("vsock socket removed"), "{all}");
+    for report in ["host send: ", "host sink: "] {
+        if let Some(l) = line(report) {
+            eprintln!("{report}{l}");
+        }
+    }
 }

@@ -129,3 +129,28 @@ pub fn vmm_direct(args: &[&str]) -> Run {
         .expect("cannot run moat-vmm");
     Run::from(out)
 }
+
+/// A helper program of the `moat-tests` crate, built by `make kvm-test`
+/// (`vsock-host` for the host side; the static `vsock-guest` for guests).
+pub fn test_tool(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+    let path = match name {
+        "vsock-guest" => target.join("x86_64-unknown-linux-gnu/release/vsock-guest"),
+        _ => target.join("debug").join(name),
+    };
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `make test-tools`",
+        path.display()
+    );
+    path
+}
+
+/// The test initramfs with extra static executables in its /bin.
+pub fn test_initramfs_with(name: &str, extra: &[&Path]) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.cpio"));
+    let mut args = vec![out.to_str().expect("utf-8 path")];
+    args.extend(extra.iter().map(|p| p.to_str().expect("utf-8 path")));
+    last_line_of(&repo_root().join("tests/guest/build-initramfs.sh"), &args)
+}

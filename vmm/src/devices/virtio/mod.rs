@@ -13,6 +13,7 @@
 pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,141 @@
+//! vsock-host: the host half of moat's vsock tests, talking to a VM's
+//! hybrid vsock socket the way the shim will.
+//!
+//!   vsock-host echo-clients UDS PORT N BYTES   N concurrent echo round trips
+//!   vsock-host send UDS PORT BYTES SEED         send a pattern to the guest
+//!   vsock-host sink PATH                        one guest connection to its end
+//!   vsock-host echo-server PATH                 echo guest connections, forever
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use moat_tests::stream_check::{echo, echo_round_trip, receive_all, send_pattern};
+
+/// How long to keep retrying while the guest is not listening yet.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Connects to guest `port` through the VM's socket: `CONNECT`, then `OK`.
+fn connect_once(uds: &str, port: u32) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "closed before OK",
+            ));
+        }
+        line.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&line);
+    if !text.starts_with("OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected reply {text:?}"),
+        ));
+    }
+    Ok(stream)
+}
+
+fn connect(uds: &str, port: u32) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match connect_once(uds, port) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T, String> {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("missing or bad {what}"))
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let cmd = args.first().map(String::as_str).unwrap_or("");
+    let path: String = arg(args, 1, "socket path")?;
+    match cmd {
+        "echo-clients" => {
+            let port: u32 = arg(args, 2, "PORT")?;
+            let count: u64 = arg(args, 3, "N")?;
+            let bytes: u64 = arg(args, 4, "BYTES")?;
+            // The first connection waits for the guest's server to come up.
+            drop(connect(&path, port).map_err(|e| format!("first connect: {e}"))?);
+            let clients: Vec<_> = (0..count)
+                .map(|i| {
+                    let path = path.clone();
+                    std::thread::spawn(move || -> Result<(), String> {
+                        let conn = connect(&path, port).map_err(|e| format!("connect {i}: {e}"))?;
+                        let writer = conn.try_clone().map_err(|e| e.to_string())?;
+                        echo_round_trip(writer, conn, 2000 + i, bytes, |w| {
+                            let _ = w.shutdown(std::net::Shutdown::Write);
+                        })
+                        .map_err(|e| format!("connection {i}: {e}"))
+                    })
+                })
+                .collect();
+            let failures: Vec<String> = clients
+                .into_iter()
+                .filter_map(|c| c.join().unwrap_or_else(|_| Err("panicked".into())).err())
+                .collect();
+            if !failures.is_empty() {
+                return Err(failures.join("; "));
+            }
+            println!("host echo clients: {count} ok");
+        }
+        "send" => {
+            let port: u32 = arg(args, 2, "PORT")?;
+            let bytes: u64 = arg(args, 3, "BYTES")?;
+            let seed: u64 = arg(args, 4, "SEED")?;
+            let mut conn = connect(&path, port).map_err(|e| format!("connect: {e}"))?;
+            let start = Instant::now();
+            let hash = send_pattern(&mut conn, seed, bytes).map_err(|e| format!("send: {e}"))?;
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "host send: {bytes} bytes sha256 {hash} in {secs:.2} s ({:.1} MiB/s)",
+                bytes as f64 / secs / 1048576.0
+            );
+        }
+        "sink" => {
+            let listener = UnixListener::bind(&path).map_err(|e| format!("listen {path}: {e}"))?;
+            let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            let (n, hash) = receive_all(&mut conn).map_err(|e| format!("receive: {e}"))?;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "host sink: {n} bytes sha256 {hash} in {secs:.2} s ({:.1} MiB/s)",
+                n as f64 / secs / 1048576.0
+            );
+        }
+        "echo-server" => {
+            let listener = UnixListener::bind(&path).map_err(|e| format!("listen {path}: {e}"))?;
+            for conn in listener.incoming() {
+                let mut conn = conn.map_err(|e| e.to_string())?;
+                std::thread::spawn(move || {
+                    let _ = echo(&mut conn);
+                });
+            }
+        }
+        _ => return Err(format!("unknown command {cmd:?}")),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vsock-host {}: {e}", args.join(" "));
+            ExitCode::FAILURE
+        }
+    }
+}
