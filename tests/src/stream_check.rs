@@ -150,6 +150,43 @@ where
     Ok(())
 }
 
+/// Runs `count` echo round trips of `total` bytes at once, each on its
+/// own connection from `connect(i)` with pattern seed `seed_base + i`;
+/// fails with every connection's error if any fails.
+pub fn concurrent_echo_clients<C>(
+    count: u64,
+    seed_base: u64,
+    total: u64,
+    connect: C,
+) -> Result<(), String>
+where
+    C: Fn(u64) -> io::Result<std::os::unix::net::UnixStream> + Send + Sync + 'static,
+{
+    let connect = std::sync::Arc::new(connect);
+    let clients: Vec<_> = (0..count)
+        .map(|i| {
+            let connect = connect.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let conn = connect(i).map_err(|e| format!("connect {i}: {e}"))?;
+                let writer = conn.try_clone().map_err(|e| e.to_string())?;
+                echo_round_trip(writer, conn, seed_base + i, total, |w| {
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                })
+                .map_err(|e| format!("connection {i}: {e}"))
+            })
+        })
+        .collect();
+    let failures: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| c.join().unwrap_or_else(|_| Err("panicked".into())).err())
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

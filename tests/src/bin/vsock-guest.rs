@@ -13,7 +13,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
-use moat_tests::stream_check::{echo, echo_round_trip, receive_all, send_pattern};
+use moat_tests::stream_check::{concurrent_echo_clients, echo, receive_all, send_pattern};
 
 const HOST_CID: u32 = 2;
 
@@ -126,25 +126,7 @@ fn run(args: &[String]) -> Result<(), String> {
         "echo-clients" => {
             let count: u64 = arg(args, 2, "N")?;
             let bytes: u64 = arg(args, 3, "BYTES")?;
-            let clients: Vec<_> = (0..count)
-                .map(|i| {
-                    std::thread::spawn(move || -> Result<(), String> {
-                        let conn = connect(port).map_err(|e| format!("connect {i}: {e}"))?;
-                        let writer = conn.try_clone().map_err(|e| e.to_string())?;
-                        echo_round_trip(writer, conn, 1000 + i, bytes, |w| {
-                            let _ = w.shutdown(std::net::Shutdown::Write);
-                        })
-                        .map_err(|e| format!("connection {i}: {e}"))
-                    })
-                })
-                .collect();
-            let failures: Vec<String> = clients
-                .into_iter()
-                .filter_map(|c| c.join().unwrap_or_else(|_| Err("panicked".into())).err())
-                .collect();
-            if !failures.is_empty() {
-                return Err(failures.join("; "));
-            }
+            concurrent_echo_clients(count, 1000, bytes, move |_| connect(port))?;
             println!("MOAT_GUEST vsock echo clients: {count} ok");
         }
         "refused" => match connect(port) {

@@ -11,7 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use moat_tests::stream_check::{echo, echo_round_trip, receive_all, send_pattern};
+use moat_tests::stream_check::{concurrent_echo_clients, echo, receive_all, send_pattern};
 
 /// How long to keep retrying while the guest is not listening yet.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
@@ -68,26 +68,7 @@ fn run(args: &[String]) -> Result<(), String> {
             let bytes: u64 = arg(args, 4, "BYTES")?;
             // The first connection waits for the guest's server to come up.
             drop(connect(&path, port).map_err(|e| format!("first connect: {e}"))?);
-            let clients: Vec<_> = (0..count)
-                .map(|i| {
-                    let path = path.clone();
-                    std::thread::spawn(move || -> Result<(), String> {
-                        let conn = connect(&path, port).map_err(|e| format!("connect {i}: {e}"))?;
-                        let writer = conn.try_clone().map_err(|e| e.to_string())?;
-                        echo_round_trip(writer, conn, 2000 + i, bytes, |w| {
-                            let _ = w.shutdown(std::net::Shutdown::Write);
-                        })
-                        .map_err(|e| format!("connection {i}: {e}"))
-                    })
-                })
-                .collect();
-            let failures: Vec<String> = clients
-                .into_iter()
-                .filter_map(|c| c.join().unwrap_or_else(|_| Err("panicked".into())).err())
-                .collect();
-            if !failures.is_empty() {
-                return Err(failures.join("; "));
-            }
+            concurrent_echo_clients(count, 2000, bytes, move |_| connect(&path, port))?;
             println!("host echo clients: {count} ok");
         }
         "send" => {

@@ -129,6 +129,18 @@ pub struct ActivateContext {
     pub acked_features: u64,
 }
 
+impl ActivateContext {
+    /// The queues as the `N` a device serves, or an error naming the count.
+    pub fn take_queues<const N: usize>(&mut self) -> Result<[Queue; N], ActivateError> {
+        std::mem::take(&mut self.queues)
+            .try_into()
+            .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
+                expected: N,
+                got: q.len(),
+            })
+    }
+}
+
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (4 for entropy, 2 for block, ...).

@@ -95,21 +95,14 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let [queue] = ctx.take_queues::<1>()?;
         let ActivateContext {
             mem,
-            queues,
             queue_events,
             interrupt,
             ..
         } = ctx;
-        let [queue]: [Queue; 1] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
-                    expected: 1,
-                    got: q.len(),
-                })?;
         let queue = Arc::new(Mutex::new(queue));
         let serve = move |_: usize| serve_queue(&mem, &queue, &interrupt);
         self.worker = Some(QueueWorker::spawn(

@@ -19,8 +19,6 @@ pub mod muxer;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use virtio_queue::Queue;
-
 use super::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// The virtio device ID of a socket device.
@@ -98,21 +96,14 @@ impl VirtioDevice for Vsock {
         super::read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let [rx, tx, _event] = ctx.take_queues::<3>()?;
         let ActivateContext {
             mem,
-            queues,
             queue_events,
             interrupt,
             ..
         } = ctx;
-        let [rx, tx, _event]: [Queue; 3] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
-                    expected: 3,
-                    got: q.len(),
-                })?;
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
         let muxer = muxer::Muxer::new(self.cid, self.uds_path.clone(), mem, rx, tx, interrupt);
         self.worker = Some(muxer::MuxerThread::spawn(muxer, listener, queue_events)?);
