@@ -16,10 +16,10 @@ DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison 
 
 ## demo: build everything, boot a microVM, show what the guest sees.
 demo: deps kernel build-release initramfs
-	@echo "== moat demo: moat-vmm boots the guest kernel with 2 vCPUs and 256 MiB =="
+	@echo "== moat demo: moat-vmm boots the guest kernel with 2 vCPUs, 256 MiB and virtio-rng =="
 	$(KVM_RUN) -- $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
-		--initramfs $(TEST_INITRAMFS) --vcpus 2 --memory 256 --append quiet
+		--initramfs $(TEST_INITRAMFS) --vcpus 2 --memory 256 --rng --append quiet
 
 ## test: lint, unit tests, the harness self-test and the KVM tests.
 test: deps kernel lint unit-test harness-test kvm-test
