@@ -12,12 +12,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, QueueWorker, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    drain_queue, read_config_bytes, serve_and_notify, ActivateContext, ActivateError, Interrupt,
+    QueueWorker, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// The virtio device ID of a block device.
@@ -182,14 +182,7 @@ impl Disk {
 /// Serves every available request on `queue`; returns whether any was
 /// completed.
 pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &Disk) -> bool {
-    let mut completed = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let used = disk.handle(mem, chain);
-        let _ = queue.add_used(mem, head, used);
-        completed = true;
-    }
-    completed
+    drain_queue(mem, queue, |chain| disk.handle(mem, chain))
 }
 
 /// A virtio block device.
@@ -264,10 +257,7 @@ impl VirtioDevice for Block {
 }
 
 fn serve_queue(mem: &GuestMemoryMmap, queue: &Mutex<Queue>, disk: &Disk, interrupt: &Interrupt) {
-    let mut queue = queue.lock().unwrap_or_else(|p| p.into_inner());
-    if process_queue(mem, &mut queue, disk) && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
-    }
+    serve_and_notify(mem, queue, interrupt, |q| process_queue(mem, q, disk));
 }
 
 #[cfg(test)]

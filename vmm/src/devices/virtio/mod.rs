@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -158,6 +158,37 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving the queues and forgets them (driver reset).
     fn reset(&mut self);
+}
+
+/// Serves every available chain of `queue` with `handle`, which returns the
+/// bytes it wrote to the guest; returns whether any chain was used.
+pub fn drain_queue<F>(mem: &GuestMemoryMmap, queue: &mut Queue, mut handle: F) -> bool
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let len = handle(chain);
+        // A head index that passed pop_descriptor_chain is in range.
+        let _ = queue.add_used(mem, head, len);
+        used = true;
+    }
+    used
+}
+
+/// A worker's turn on its queue: `drain` it, then interrupt the driver if
+/// anything was used and the driver asked to be told.
+pub fn serve_and_notify(
+    mem: &GuestMemoryMmap,
+    queue: &std::sync::Mutex<Queue>,
+    interrupt: &Interrupt,
+    drain: impl FnOnce(&mut Queue) -> bool,
+) {
+    let mut queue = queue.lock().unwrap_or_else(|p| p.into_inner());
+    if drain(&mut queue) && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero past the end.

@@ -3,11 +3,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
-    ActivateContext, ActivateError, Interrupt, QueueWorker, VirtioDevice, VIRTIO_F_VERSION_1,
+    drain_queue, serve_and_notify, ActivateContext, ActivateError, Interrupt, QueueWorker,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// The virtio device ID of an entropy source.
@@ -51,10 +52,8 @@ fn fill_random(buf: &mut [u8]) -> bool {
 /// Serves every available request on `queue`; returns whether any was
 /// completed (and so whether the driver may need an interrupt).
 pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
-    let mut completed = false;
     let mut buf = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
+    drain_queue(mem, queue, |chain| {
         let mut written: u32 = 0;
         for desc in chain {
             // Device-readable buffers have no place in an entropy request.
@@ -71,11 +70,8 @@ pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
             }
             written += len;
         }
-        // A head index that passed pop_descriptor_chain is in range.
-        let _ = queue.add_used(mem, head, written);
-        completed = true;
-    }
-    completed
+        written
+    })
 }
 
 impl VirtioDevice for Rng {
@@ -121,10 +117,7 @@ impl VirtioDevice for Rng {
 }
 
 fn serve_queue(mem: &GuestMemoryMmap, queue: &Mutex<Queue>, interrupt: &Interrupt) {
-    let mut queue = queue.lock().unwrap_or_else(|p| p.into_inner());
-    if process_queue(mem, &mut queue) && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
-    }
+    serve_and_notify(mem, queue, interrupt, |q| process_queue(mem, q));
 }
 
 #[cfg(test)]
