@@ -1,0 +1,32 @@
+//! The virtio-mmio register file driven by a fuzzer-chosen sequence of
+//! reads and writes (offset, width, value), with an rng device behind it.
+#![no_main]
+
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use moat_vmm::devices::virtio::mmio::MmioTransport;
+use moat_vmm::devices::virtio::rng::Rng;
+use moat_vmm::devices::virtio::Interrupt;
+use moat_vmm::devices::BusDevice;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[path = "guest.rs"]
+mod guest;
+
+fuzz_target!(|data: &[u8]| {
+    let (mem, _) = guest::guest(data);
+    let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let mut transport = MmioTransport::new(Box::new(Rng::new()), mem, irq).unwrap();
+    for op in data.chunks_exact(8) {
+        let offset = u64::from(u16::from_le_bytes([op[0], op[1]]) & 0x1ff);
+        let width = [1usize, 2, 4, 8][usize::from(op[2] & 3)];
+        let value = [op[3], op[4], op[5], op[6], op[7], 0, 0, 0];
+        if op[2] & 4 == 0 {
+            transport.write(offset, &value[..width]);
+        } else {
+            let mut out = [0u8; 8];
+            transport.read(offset, &mut out[..width]);
+        }
+    }
+});
