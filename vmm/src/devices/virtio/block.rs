@@ -16,8 +16,8 @@ use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::{
-    drain_queue, read_config_bytes, serve_and_notify, ActivateContext, ActivateError, Interrupt,
-    QueueWorker, VirtioDevice, VIRTIO_F_VERSION_1,
+    drain_queue, read_config_bytes, serve_and_notify, serve_queues, ActivateContext, ActivateError,
+    Interrupt, VirtioDevice, WorkerThread, VIRTIO_F_VERSION_1,
 };
 
 /// The virtio device ID of a block device.
@@ -189,7 +189,7 @@ pub fn process_queue(mem: &GuestMemoryMmap, queue: &mut Queue, disk: &Disk) -> b
 pub struct Block {
     disk: Arc<Disk>,
     config: Vec<u8>,
-    worker: Option<QueueWorker>,
+    worker: Option<WorkerThread>,
 }
 
 impl Block {
@@ -241,11 +241,7 @@ impl VirtioDevice for Block {
         let queue = Mutex::new(queue);
         let disk = self.disk.clone();
         let serve = move |_: usize| serve_queue(&mem, &queue, &disk, &interrupt);
-        self.worker = Some(QueueWorker::spawn(
-            "moat_virtio_blk".into(),
-            queue_events,
-            serve,
-        )?);
+        self.worker = Some(serve_queues("moat_virtio_blk".into(), queue_events, serve)?);
         Ok(())
     }
 

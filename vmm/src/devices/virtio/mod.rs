@@ -203,25 +203,57 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// A device's worker thread: waits on the queue eventfds and calls the
-/// handler with the index of each queue that was notified, until stopped.
-pub struct QueueWorker {
+/// A device's thread, which returns once its kill eventfd is readable;
+/// stopping (or dropping) it writes that eventfd and joins the thread.
+pub struct WorkerThread {
     kill: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
-impl QueueWorker {
-    /// Starts a thread named `name` serving `queue_events` with `handler`.
-    pub fn spawn<F>(
+impl WorkerThread {
+    /// Starts `body` on a thread named `name`; `body` must watch `kill`.
+    pub fn spawn(
         name: String,
-        queue_events: Vec<EventFd>,
-        mut handler: F,
-    ) -> Result<Self, ActivateError>
-    where
-        F: FnMut(usize) + Send + 'static,
+        kill: EventFd,
+        body: impl FnOnce() + Send + 'static,
+    ) -> Result<Self, ActivateError> {
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(body)
+            .map_err(ActivateError::Worker)?;
+        Ok(Self {
+            kill,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.kill.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a worker named `name` that waits on the queue eventfds and calls
+/// `handler` with the index of each queue that was notified, until stopped.
+pub fn serve_queues<F>(
+    name: String,
+    queue_events: Vec<EventFd>,
+    mut handler: F,
+) -> Result<WorkerThread, ActivateError>
+where
+    F: FnMut(usize) + Send + 'static,
+{
     {
         let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let kill_for_thread = kill.try_clone().map_err(ActivateError::Worker)?;
         let epoll = Epoll::new().map_err(ActivateError::Worker)?;
         let kill_token = queue_events.len() as u64;
         for (index, evt) in queue_events.iter().enumerate() {
@@ -240,10 +272,8 @@ impl QueueWorker {
                 EpollEvent::new(EventSet::IN, kill_token),
             )
             .map_err(ActivateError::Worker)?;
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let _kill = kill_for_thread;
+        WorkerThread::spawn(name, kill, move || {
+            {
                 let mut events = vec![EpollEvent::default(); queue_events.len() + 1];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
@@ -264,26 +294,8 @@ impl QueueWorker {
                         }
                     }
                 }
-            })
-            .map_err(ActivateError::Worker)?;
-        Ok(Self {
-            kill,
-            thread: Some(thread),
+            }
         })
-    }
-
-    /// Stops the worker and waits for it.
-    pub fn stop(&mut self) {
-        let _ = self.kill.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for QueueWorker {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -321,7 +333,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let triggers: Vec<EventFd> = events.iter().map(|e| e.try_clone().unwrap()).collect();
         let mut worker =
-            QueueWorker::spawn("test_worker".into(), events, move |q| tx.send(q).unwrap()).unwrap();
+            serve_queues("test_worker".into(), events, move |q| tx.send(q).unwrap()).unwrap();
         triggers[1].write(1).unwrap();
         assert_eq!(
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),

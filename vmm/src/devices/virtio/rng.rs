@@ -7,8 +7,8 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
-    drain_queue, serve_and_notify, ActivateContext, ActivateError, Interrupt, QueueWorker,
-    VirtioDevice, VIRTIO_F_VERSION_1,
+    drain_queue, serve_and_notify, serve_queues, ActivateContext, ActivateError, Interrupt,
+    VirtioDevice, WorkerThread, VIRTIO_F_VERSION_1,
 };
 
 /// The virtio device ID of an entropy source.
@@ -21,7 +21,7 @@ pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 /// The entropy device.
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<QueueWorker>,
+    worker: Option<WorkerThread>,
 }
 
 impl Rng {
@@ -101,11 +101,7 @@ impl VirtioDevice for Rng {
         } = ctx;
         let queue = Arc::new(Mutex::new(queue));
         let serve = move |_: usize| serve_queue(&mem, &queue, &interrupt);
-        self.worker = Some(QueueWorker::spawn(
-            "moat_virtio_rng".into(),
-            queue_events,
-            serve,
-        )?);
+        self.worker = Some(serve_queues("moat_virtio_rng".into(), queue_events, serve)?);
         Ok(())
     }
 

@@ -48,7 +48,7 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: UnixListener,
     config: [u8; 8],
-    worker: Option<muxer::MuxerThread>,
+    worker: Option<super::WorkerThread>,
 }
 
 impl Vsock {
@@ -106,7 +106,7 @@ impl VirtioDevice for Vsock {
         } = ctx;
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
         let muxer = muxer::Muxer::new(self.cid, self.uds_path.clone(), mem, rx, tx, interrupt);
-        self.worker = Some(muxer::MuxerThread::spawn(muxer, listener, queue_events)?);
+        self.worker = Some(muxer::spawn_muxer(muxer, listener, queue_events)?);
         Ok(())
     }
 

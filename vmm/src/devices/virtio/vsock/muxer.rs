@@ -9,7 +9,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
@@ -17,7 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::HOST_CID;
-use crate::devices::virtio::{ActivateError, Interrupt};
+use crate::devices::virtio::{ActivateError, Interrupt, WorkerThread};
 
 /// Largest payload of one packet in either direction.
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
@@ -772,60 +771,34 @@ pub fn read_tx_packet(
     Some((header, data))
 }
 
-/// The muxer's thread.
-pub struct MuxerThread {
-    kill: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl MuxerThread {
-    /// Starts serving: queue notifications, host clients and streams.
-    pub fn spawn(
-        mut muxer: Muxer,
-        listener: UnixListener,
-        queue_events: Vec<EventFd>,
-    ) -> Result<Self, ActivateError> {
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        let add = |fd: RawFd, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        for (token, evt) in [TOKEN_RX, TOKEN_TX, TOKEN_EVENT]
-            .into_iter()
-            .zip(&queue_events)
-        {
-            add(evt.as_raw_fd(), token).map_err(ActivateError::Worker)?;
-        }
-        add(kill.as_raw_fd(), TOKEN_KILL).map_err(ActivateError::Worker)?;
-        add(listener.as_raw_fd(), TOKEN_LISTENER).map_err(ActivateError::Worker)?;
-        muxer.epoll = Some(epoll);
-        let thread = std::thread::Builder::new()
-            .name("moat_vsock".into())
-            .spawn(move || run(muxer, listener, queue_events))
-            .map_err(ActivateError::Worker)?;
-        Ok(Self {
-            kill,
-            thread: Some(thread),
-        })
+/// Starts the muxer's thread: queue notifications, host clients and
+/// streams. Stopping the returned worker closes every connection.
+pub fn spawn_muxer(
+    mut muxer: Muxer,
+    listener: UnixListener,
+    queue_events: Vec<EventFd>,
+) -> Result<WorkerThread, ActivateError> {
+    let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+    let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+    let add = |fd: RawFd, token: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    };
+    for (token, evt) in [TOKEN_RX, TOKEN_TX, TOKEN_EVENT]
+        .into_iter()
+        .zip(&queue_events)
+    {
+        add(evt.as_raw_fd(), token).map_err(ActivateError::Worker)?;
     }
-
-    /// Stops the thread; every connection closes with it.
-    pub fn stop(&mut self) {
-        let _ = self.kill.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for MuxerThread {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    add(kill.as_raw_fd(), TOKEN_KILL).map_err(ActivateError::Worker)?;
+    add(listener.as_raw_fd(), TOKEN_LISTENER).map_err(ActivateError::Worker)?;
+    muxer.epoll = Some(epoll);
+    WorkerThread::spawn("moat_vsock".into(), kill, move || {
+        run(muxer, listener, queue_events)
+    })
 }
 
 fn run(mut muxer: Muxer, listener: UnixListener, queue_events: Vec<EventFd>) {
