@@ -202,7 +202,13 @@ impl Vcpu {
                 Ok(VcpuExit::MmioWrite(addr, data)) => buses.mmio.write(addr, data),
                 Ok(VcpuExit::Intr) => {}
                 // A triple fault resets a PC; for a microVM that ends it.
-                Ok(VcpuExit::Shutdown) => stop.raise(ExitReason::GuestReset),
+                // Linux's reboot=t ends this way on purpose; anything else
+                // is a crash, so say where the vCPU was.
+                Ok(VcpuExit::Shutdown) => {
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    eprintln!("moat-vmm: vCPU {index}: triple fault (guest reset) at rip {rip:#x}");
+                    stop.raise(ExitReason::GuestReset);
+                }
                 // With the in-kernel LAPIC KVM handles HLT itself; an exit
                 // here means the guest halted for good.
                 Ok(VcpuExit::Hlt) => stop.raise(ExitReason::GuestPowerOff),

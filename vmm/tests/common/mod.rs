@@ -137,7 +137,7 @@ pub fn test_tool(name: &str) -> PathBuf {
         .map_or_else(|| repo_root().join("target"), PathBuf::from);
     let path = match name {
         "vsock-guest" => target.join("x86_64-unknown-linux-gnu/release/vsock-guest"),
-        _ => target.join("debug").join(name),
+        _ => target.join("release").join(name),
     };
     assert!(
         path.is_file(),
