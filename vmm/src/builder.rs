@@ -21,7 +21,7 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_MAX,
 };
 use crate::arch::x86_64::{self as arch, ArchError, InitrdRange};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{parse_mac, SerialOutput, VmConfig};
 use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
 use crate::devices::legacy::serial::{
     ConsoleSink, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
@@ -30,6 +30,7 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -325,7 +326,7 @@ fn attach_virtio_devices(
 }
 
 /// The configured virtio devices, block devices first so that the first
-/// one is /dev/vda.
+/// one is /dev/vda, then network devices (eth0 first).
 fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for block in &config.blocks {
@@ -345,6 +346,19 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
             &block.id,
         ))));
     }
+    for net in &config.nets {
+        let fail = |e: &dyn std::fmt::Display| {
+            BuildError::Device(format!("network device {:?}: {e}", net.id))
+        };
+        let mac = net
+            .mac
+            .as_deref()
+            .map(parse_mac)
+            .transpose()
+            .map_err(|e| fail(&e))?;
+        let tap = Tap::open(&net.tap).map_err(|e| fail(&e))?;
+        devices.push(Box::new(Net::new(tap, mac)));
+    }
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
@@ -361,6 +375,8 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
 /// for the boot-time marker.
 pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildError> {
     let (kernel_file, kernel_format) = open_kernel(&config.kernel)?;
+    // Images and taps are the user's input: their errors come before KVM's.
+    let devices = virtio_devices(config)?;
     let kvm = vm::open_kvm()?;
     let mem_size = config.memory_mib << 20;
     let guest_memory = memory::create_guest_memory(mem_size)?;
@@ -372,8 +388,7 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         Some(path) => Some(load_initrd(&guest_memory, path, mem_size, &kernel)?),
         None => None,
     };
-    let (mmio_bus, device_args) =
-        attach_virtio_devices(&vm, &guest_memory, virtio_devices(config)?)?;
+    let (mmio_bus, device_args) = attach_virtio_devices(&vm, &guest_memory, devices)?;
     let mut cmdline = config.cmdline.clone();
     for arg in device_args {
         cmdline.push(' ');

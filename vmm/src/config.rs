@@ -92,6 +92,29 @@ pub enum ConfigError {
     /// Two block devices with the same ID.
     #[error("block device ID {0:?} is used twice")]
     DuplicateBlockId(String),
+    /// A network device description that cannot be parsed.
+    #[error("network device {0:?}: expected id=ID,tap=TAP[,mac=MAC]")]
+    NetSyntax(String),
+    /// A network device ID that is empty, too long or not printable.
+    #[error("network device ID {0:?} must be 1 to 20 printable ASCII characters without commas")]
+    NetId(String),
+    /// Two network devices with the same ID.
+    #[error("network device ID {0:?} is used twice")]
+    DuplicateNetId(String),
+    /// A tap name Linux would refuse.
+    #[error("network device {id:?}: tap name {tap:?} must be 1 to 15 bytes without '/', ',' or whitespace")]
+    TapName {
+        /// The device's ID.
+        id: String,
+        /// The tap name.
+        tap: String,
+    },
+    /// Two network devices on the same tap.
+    #[error("tap {0:?} is given to two network devices")]
+    DuplicateTap(String),
+    /// A MAC address that cannot be parsed or is not unicast.
+    #[error("MAC address {0:?}: expected six hex bytes like 02:00:00:00:00:01, unicast (first byte even)")]
+    Mac(String),
     /// A vsock description that cannot be parsed.
     #[error("vsock {0:?}: expected cid=CID,path=SOCKET")]
     VsockSyntax(String),
@@ -191,6 +214,93 @@ fn check_blocks(blocks: &[BlockConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A network device: a tap interface on the host that the guest sees as
+/// `eth0`, `eth1`, ... in the order given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The device's ID.
+    pub id: String,
+    /// The host tap interface; it is created if it does not exist and
+    /// moat-vmm may create it.
+    pub tap: String,
+    /// The guest's MAC address; the guest picks a random one without it.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// Parses `id=ID,tap=TAP[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut id, mut tap, mut mac) = (None, None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) if id.is_none() => id = Some(v.to_string()),
+                Some(("tap", v)) if tap.is_none() => tap = Some(v.to_string()),
+                Some(("mac", v)) if mac.is_none() => mac = Some(v.to_string()),
+                _ => return Err(ConfigError::NetSyntax(s.to_string())),
+            }
+        }
+        match (id, tap) {
+            (Some(id), Some(tap)) => Ok(NetConfig { id, tap, mac }),
+            _ => Err(ConfigError::NetSyntax(s.to_string())),
+        }
+    }
+}
+
+/// Parses a unicast MAC address written as six colon-separated hex bytes.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::Mac(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    let mut ids = std::collections::HashSet::new();
+    let mut taps = std::collections::HashSet::new();
+    for net in nets {
+        let id = &net.id;
+        if id.is_empty()
+            || id.len() > 20
+            || !id.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
+        {
+            return Err(ConfigError::NetId(id.clone()));
+        }
+        if !ids.insert(id.as_str()) {
+            return Err(ConfigError::DuplicateNetId(id.clone()));
+        }
+        let tap = &net.tap;
+        if tap.is_empty()
+            || tap.len() > 15
+            || !tap
+                .bytes()
+                .all(|b| (0x21..0x7f).contains(&b) && b != b'/' && b != b',')
+        {
+            return Err(ConfigError::TapName {
+                id: id.clone(),
+                tap: tap.clone(),
+            });
+        }
+        if !taps.insert(tap.as_str()) {
+            return Err(ConfigError::DuplicateTap(tap.clone()));
+        }
+        if let Some(mac) = &net.mac {
+            parse_mac(mac)?;
+        }
+    }
+    Ok(())
+}
+
 /// The vsock device: the guest's CID and the host Unix socket that stands
 /// for it (Firecracker's hybrid vsock).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -266,6 +376,8 @@ pub struct ConfigLayer {
     pub rng: Option<bool>,
     /// Block devices, in guest order.
     pub blocks: Option<Vec<BlockConfig>>,
+    /// Network devices, in guest order.
+    pub nets: Option<Vec<NetConfig>>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
 }
@@ -295,6 +407,7 @@ impl ConfigLayer {
             serial: over.serial.or(self.serial),
             rng: over.rng.or(self.rng),
             blocks: over.blocks.or(self.blocks),
+            nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
         }
     }
@@ -334,6 +447,8 @@ impl ConfigLayer {
         let serial = self.serial.as_deref().unwrap_or("stdout").parse()?;
         let blocks = self.blocks.unwrap_or_default();
         check_blocks(&blocks)?;
+        let nets = self.nets.unwrap_or_default();
+        check_nets(&nets)?;
         if let Some(vsock) = &self.vsock {
             check_vsock(vsock)?;
         }
@@ -346,6 +461,7 @@ impl ConfigLayer {
             serial,
             rng: self.rng.unwrap_or(false),
             blocks,
+            nets,
             vsock: self.vsock,
         })
     }
@@ -402,6 +518,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Block devices, in guest order.
     pub blocks: Vec<BlockConfig>,
+    /// Network devices, in guest order.
+    pub nets: Vec<NetConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
 }
@@ -758,5 +876,55 @@ mod tests {
     #[test]
     fn host_memory_is_read() {
         assert!(host_memory_mib() > 0);
+    }
+
+    #[test]
+    fn network_devices_parse_and_are_checked() {
+        let net: NetConfig = "id=eth0,tap=tap0,mac=02:00:00:00:00:0a".parse().unwrap();
+        assert_eq!(
+            net,
+            NetConfig {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                mac: Some("02:00:00:00:00:0a".into()),
+            }
+        );
+        assert_eq!(parse_mac("02:00:00:00:00:0a").unwrap(), [2, 0, 0, 0, 0, 10]);
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+            "03:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
+            assert!(matches!(parse_mac(bad), Err(ConfigError::Mac(_))), "{bad}");
+        }
+        for bad in ["tap=t", "id=a,tap=t,bogus=1", "id=a,id=b,tap=t"] {
+            assert!(
+                matches!(bad.parse::<NetConfig>(), Err(ConfigError::NetSyntax(_))),
+                "{bad}"
+            );
+        }
+        let json = r#"{"kernel": "/k", "nets": [{"id": "n0", "tap": "tap0"}]}"#;
+        let layer: ConfigLayer = serde_json::from_str(json).unwrap();
+        assert_eq!(layer.nets.unwrap()[0].mac, None);
+        let bad_json =
+            r#"{"kernel": "/k", "nets": [{"id": "n0", "tap": "tap0", "ip": "1.2.3.4"}]}"#;
+        assert!(
+            serde_json::from_str::<ConfigLayer>(bad_json).is_err(),
+            "unknown fields refused"
+        );
+        assert!(check_nets(std::slice::from_ref(&net)).is_ok());
+        let twice = [
+            net.clone(),
+            NetConfig {
+                id: "eth1".into(),
+                ..net.clone()
+            },
+        ];
+        assert!(matches!(
+            check_nets(&twice),
+            Err(ConfigError::DuplicateTap(_))
+        ));
     }
 }

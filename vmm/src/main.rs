@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use moat_vmm::builder::run_vm;
-use moat_vmm::config::{host_memory_mib, BlockConfig, ConfigLayer, VsockConfig};
+use moat_vmm::config::{host_memory_mib, BlockConfig, ConfigLayer, NetConfig, VsockConfig};
 
 /// Boot a Linux kernel in a KVM microVM.
 #[derive(Debug, Parser)]
@@ -44,6 +44,10 @@ struct Cli {
     /// the first is /dev/vda).
     #[arg(long, value_name = "SPEC")]
     block: Vec<BlockConfig>,
+    /// Add a virtio network device over a tap: id=ID,tap=TAP[,mac=MAC]
+    /// (repeatable; the first is eth0).
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NetConfig>,
     /// Add the vsock device: cid=CID,path=SOCKET (hybrid vsock: host
     /// clients connect to SOCKET; guest connections to port P reach
     /// SOCKET_P).
@@ -78,6 +82,7 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
         serial: cli.serial,
         rng: cli.rng.then_some(true),
         blocks: (!cli.block.is_empty()).then_some(cli.block),
+        nets: (!cli.net.is_empty()).then_some(cli.net),
         vsock: cli.vsock,
     };
     let config = file_layer

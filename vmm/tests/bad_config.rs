@@ -138,3 +138,43 @@ fn unusable_kvm_host_is_named_instead_of_hanging() {
         );
     }
 }
+
+#[test]
+fn bad_network_devices_are_named_before_kvm_is_opened() {
+    let kernel = temp_path("kernel-for-net-checks");
+    std::fs::write(&kernel, b"\x7fELF").unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--net", "id=n0,tap=t0", "--net", "id=n0,tap=t1"],
+            "network device ID \"n0\" is used twice",
+        ),
+        (
+            &["--net", "id=n0,tap=t0", "--net", "id=n1,tap=t0"],
+            "tap \"t0\" is given to two network devices",
+        ),
+        (
+            &["--net", "id=n0,tap=t0,mac=01:00:5e:00:00:01"],
+            "MAC address \"01:00:5e:00:00:01\"",
+        ),
+        (
+            &["--net", "id=n0,tap=a-much-too-long-tap-name"],
+            "tap name \"a-much-too-long-tap-name\" must be 1 to 15 bytes",
+        ),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["--kernel", kernel];
+        all.extend_from_slice(args);
+        let run = refused(&all);
+        assert!(run.stderr.contains(message), "{args:?}\n{}", run.stderr);
+    }
+    // An interface that exists but is no tap: attaching to it fails, and
+    // the error names the device and the interface, before KVM is touched.
+    let run = refused(&["--kernel", kernel, "--net", "id=n0,tap=lo"]);
+    assert!(
+        run.stderr
+            .contains("network device \"n0\": tap \"lo\": TUNSETIFF"),
+        "{}",
+        run.stderr
+    );
+}
