@@ -12,7 +12,7 @@ DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison 
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux
 
 .PHONY: demo test deps kernel initramfs build build-release lint unit-test \
-	harness-test test-tools kvm-test bench-boot
+	harness-test test-tools kvm-test bench-boot bench-devices
 
 ## demo: build everything, boot a microVM, show what the guest sees.
 demo: deps kernel build-release initramfs
@@ -58,13 +58,13 @@ unit-test:
 harness-test:
 	tests/harness/selftest
 
-# Helper programs of the tests: vsock-host runs beside the VM, vsock-guest
+# Helper programs of the tests: host-tool runs beside the VM, guest-tool
 # (static) inside the test initramfs. Both are optimised: in the nested
 # harness a debug build hashing at TCG speed, not the device, limits the
 # transfer rate (1.5 MiB/s against 25 MiB/s).
 test-tools:
 	cargo build -p moat-tests --bins --release
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-tests --bin vsock-guest \
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-tests --bin guest-tool \
 		--release --target x86_64-unknown-linux-gnu
 
 # KVM boots go through the harness one at a time: each starts its own L1.
@@ -77,3 +77,13 @@ bench-boot: deps kernel build-release initramfs
 		--vmm $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--initramfs $(TEST_INITRAMFS) --runs $${RUNS:-10}
+
+## bench-devices: moat's virtio block, net and vsock against QEMU's
+## (virtio-blk, vhost-net, vhost-vsock) on the same image and tap.
+bench-devices: deps kernel build-release test-tools
+	tests/guest/build-initramfs.sh $(TARGET_DIR)/moat-guest/bench-initramfs.cpio \
+		$(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool >/dev/null
+	$(KVM_RUN) -- $(TARGET_DIR)/release/bench-devices \
+		--vmm $(TARGET_DIR)/release/moat-vmm \
+		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
+		--initramfs $(TARGET_DIR)/moat-guest/bench-initramfs.cpio --runs $${RUNS:-3}

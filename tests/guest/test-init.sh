@@ -2,13 +2,17 @@
 # /init of moat's test initramfs. It reports what the guest sees on the
 # console, writes the boot-time marker, and ends the VM.
 # Kernel parameters without dots reach it as environment variables:
-#   moat_mode=report (default) | bench | block-write | block-read | vsock
+#   moat_mode=report (default) | bench | block-write | block-read | vsock | net |
+#     devbench
 #     bench prints only the first line; block-write fills the first
 #     moat_block_mib MiB (default 64) of /dev/vda with random data and
 #     prints its SHA-256, and tries to write /dev/vdb (read-only);
 #     block-read prints the SHA-256 of the same range; vsock runs the
 #     guest half of the vsock scenario (see vmm/tests/virtio.rs) with
-#     moat_vsock_mib MiB (default 256) bulk transfers
+#     moat_vsock_mib MiB (default 256) bulk transfers; net gives eth0
+#     10.0.2.2/24, pings the host at 10.0.2.1 and moves moat_net_mib MiB
+#     (default 256) over TCP each way (see vmm/tests/virtio.rs); devbench
+#     runs the guest half of bench-devices (tests/src/bin/bench-devices.rs)
 #   moat_exit=reboot (default) | poweroff
 echo "MOAT_GUEST init started"
 /bin/busybox mkdir -p /proc /sys /dev /bin /sbin /usr/bin /usr/sbin
@@ -58,15 +62,38 @@ case "${moat_mode:-report}" in
     ;;
   vsock)
     bulk=$(( ${moat_vsock_mib:-256} * 1048576 ))
-    vsock-guest echo-server 5000 &
-    vsock-guest sink 5001 &
+    guest-tool echo-server 5000 &
+    guest-tool sink 5001 &
     sink_pid=$!
-    vsock-guest send 6000 "$bulk" 42
-    vsock-guest echo-clients 6001 100 65536
-    vsock-guest refused 6999
+    guest-tool send 6000 "$bulk" 42
+    guest-tool echo-clients 6001 100 65536
+    guest-tool refused 6999
     wait "$sink_pid"
     # The host's last connection says it is done with the guest's servers.
-    vsock-guest sink 5002 >/dev/null
+    guest-tool sink 5002 >/dev/null
+    ;;
+  net)
+    bulk=$(( ${moat_net_mib:-256} * 1048576 ))
+    ip link set lo up
+    ip addr add 10.0.2.2/24 dev eth0
+    ip link set eth0 up
+    echo "MOAT_GUEST eth0 mac: $(cat /sys/class/net/eth0/address)"
+    echo "MOAT_GUEST ping: $(ping -c 3 -w 20 10.0.2.1 | grep 'packets transmitted')"
+    guest-tool tcp-sink 7001 &
+    sink_pid=$!
+    guest-tool tcp-send 10.0.2.1:7000 "$bulk" 42
+    wait "$sink_pid"
+    ;;
+  devbench)
+    bulk=$(( ${moat_bulk_mib:-128} * 1048576 ))
+    ip link set lo up
+    ip addr add 10.0.2.2/24 dev eth0
+    ip link set eth0 up
+    guest-tool blk-bench /dev/vda "${moat_disk_mib:-256}" "${moat_rand_secs:-10}"
+    guest-tool sink 5001
+    guest-tool send 6000 "$bulk" 42
+    guest-tool tcp-sink 7001
+    guest-tool tcp-send 10.0.2.1:7000 "$bulk" 42
     ;;
 esac
 

@@ -6,5 +6,6 @@
 //! anything against a number fixed in advance: every figure it prints is a
 //! ratio against a peer measured beside it.
 
+pub mod af_vsock;
 pub mod measure;
 pub mod stream_check;

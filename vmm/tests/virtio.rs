@@ -118,8 +118,8 @@ fn vsock_bulk_mib() -> u64 {
 
 #[test]
 fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
-    let guest_tool = test_tool("vsock-guest");
-    let host_tool = test_tool("vsock-host");
+    let guest_tool = test_tool("guest-tool");
+    let host_tool = test_tool("host-tool");
     let initramfs = test_initramfs_with("virtio-vsock", &[&guest_tool]);
     // The guest half runs from the test init (moat_mode=vsock): an echo
     // server on 5000 and a sink on 5001 for the host's clients, then its
@@ -211,6 +211,98 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
     for report in ["host send: ", "host sink: "] {
         if let Some(l) = line(report) {
             eprintln!("{report}{l}");
+        }
+    }
+}
+
+/// MiB each TCP transfer moves in the network test (`MOAT_NET_BULK_MIB`).
+fn net_bulk_mib() -> u64 {
+    std::env::var("MOAT_NET_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+/// Splits a `<N> bytes sha256 <HEX>...` report into its count and hash.
+fn count_and_hash(report: Option<&str>) -> (u64, String) {
+    let (count, rest) = report
+        .and_then(|r| r.split_once(" bytes sha256 "))
+        .unwrap_or(("", ""));
+    (
+        count.parse().unwrap_or(0),
+        rest.split(' ').next().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
+    let guest_tool = test_tool("guest-tool");
+    let host_tool = test_tool("host-tool");
+    let initramfs = test_initramfs_with("virtio-net", &[&guest_tool]);
+    let bytes = net_bulk_mib() << 20;
+    // eth0 is a tap the host made and configured; eth1 is one moat-vmm
+    // creates itself, which must vanish with the VM.
+    let script = format!(
+        r#"set -u
+        modprobe tun
+        ip tuntap add dev moat-tap0 mode tap
+        ip addr add 10.0.2.1/24 dev moat-tap0
+        ip link set moat-tap0 up
+        {host} tcp-sink 10.0.2.1:7000 >/tmp/host-tcp-sink.out &
+        sink=$!
+        {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512 --vcpus 2 \
+            --net id=eth0,tap=moat-tap0,mac=02:00:00:00:00:0a --net id=eth1,tap=moat-tmp0 \
+            --append "quiet moat_mode=net moat_net_mib={mib}" &
+        vm=$!
+        {host} tcp-send 10.0.2.2:7001 {bytes} 7 >/tmp/host-tcp-send.out
+        wait $vm; echo "vm exit status: $?"
+        wait $sink
+        cat /tmp/host-tcp-send.out /tmp/host-tcp-sink.out
+        ip link show moat-tmp0 >/dev/null 2>&1 && echo "created tap left behind" || echo "created tap removed"
+        ip link del moat-tap0"#,
+        host = host_tool.display(),
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
+        mib = net_bulk_mib(),
+    );
+    let run = kvm_run(&["bash", "-c", &script]);
+    let all = run.describe();
+    let host_report = |prefix: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        run.guest_value("eth0 mac"),
+        Some("02:00:00:00:00:0a"),
+        "MAC from the config\n{all}"
+    );
+    assert!(
+        run.guest_value("ping")
+            .is_some_and(|p| p.contains("3 packets received")),
+        "guest pings the host\n{all}"
+    );
+    let (sent, sent_hash) = count_and_hash(host_report("host tcp send: ").as_deref());
+    let (received, received_hash) = count_and_hash(run.guest_value("tcp sink"));
+    assert_eq!((sent, received), (bytes, bytes), "host to guest\n{all}");
+    assert!(
+        sent_hash.len() == 64 && sent_hash == received_hash,
+        "host to guest SHA-256\n{all}"
+    );
+    let (sent, sent_hash) = count_and_hash(run.guest_value("tcp send"));
+    let (received, received_hash) = count_and_hash(host_report("host tcp sink: ").as_deref());
+    assert_eq!((sent, received), (bytes, bytes), "guest to host\n{all}");
+    assert!(
+        sent_hash.len() == 64 && sent_hash == received_hash,
+        "guest to host SHA-256\n{all}"
+    );
+    assert!(run.stdout.contains("vm exit status: 0"), "{all}");
+    assert!(run.stdout.contains("created tap removed"), "{all}");
+    for report in ["host tcp send: ", "host tcp sink: "] {
+        if let Some(line) = host_report(report) {
+            eprintln!("{report}{line}");
         }
     }
 }

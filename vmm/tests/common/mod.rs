@@ -131,12 +131,12 @@ pub fn vmm_direct(args: &[&str]) -> Run {
 }
 
 /// A helper program of the `moat-tests` crate, built by `make kvm-test`
-/// (`vsock-host` for the host side; the static `vsock-guest` for guests).
+/// (`host-tool` for the host side; the static `guest-tool` for guests).
 pub fn test_tool(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| repo_root().join("target"), PathBuf::from);
     let path = match name {
-        "vsock-guest" => target.join("x86_64-unknown-linux-gnu/release/vsock-guest"),
+        "guest-tool" => target.join("x86_64-unknown-linux-gnu/release/guest-tool"),
         _ => target.join("release").join(name),
     };
     assert!(

@@ -1,10 +1,12 @@
-//! vsock-host: the host half of moat's vsock tests, talking to a VM's
+//! host-tool: the host half of moat's vsock tests, talking to a VM's
 //! hybrid vsock socket the way the shim will.
 //!
-//!   vsock-host echo-clients UDS PORT N BYTES   N concurrent echo round trips
-//!   vsock-host send UDS PORT BYTES SEED         send a pattern to the guest
-//!   vsock-host sink PATH                        one guest connection to its end
-//!   vsock-host echo-server PATH                 echo guest connections, forever
+//!   host-tool echo-clients UDS PORT N BYTES   N concurrent echo round trips
+//!   host-tool send UDS PORT BYTES SEED         send a pattern to the guest
+//!   host-tool sink PATH                        one guest connection to its end
+//!   host-tool echo-server PATH                 echo guest connections, forever
+//!   host-tool tcp-send ADDR:PORT BYTES SEED     send a pattern over TCP
+//!   host-tool tcp-sink ADDR:PORT                one TCP connection to its end
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -60,6 +62,47 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T,
 
 fn run(args: &[String]) -> Result<(), String> {
     let cmd = args.first().map(String::as_str).unwrap_or("");
+    let report = |what: &str, n: u64, hash: &str, start: Instant| {
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "host {what}: {n} bytes sha256 {hash} in {secs:.2} s ({:.1} MiB/s)",
+            n as f64 / secs / 1048576.0
+        );
+    };
+    match cmd {
+        "tcp-send" => {
+            let addr: std::net::SocketAddr = arg(args, 1, "ADDR:PORT")?;
+            let bytes: u64 = arg(args, 2, "BYTES")?;
+            let seed: u64 = arg(args, 3, "SEED")?;
+            let deadline = Instant::now() + CONNECT_PATIENCE;
+            let mut conn = loop {
+                match std::net::TcpStream::connect(addr) {
+                    Ok(conn) => break conn,
+                    Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            };
+            let start = Instant::now();
+            let hash = send_pattern(&mut conn, seed, bytes).map_err(|e| format!("send: {e}"))?;
+            conn.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest);
+            report("tcp send", bytes, &hash, start);
+            return Ok(());
+        }
+        "tcp-sink" => {
+            let addr: std::net::SocketAddr = arg(args, 1, "ADDR:PORT")?;
+            let listener =
+                std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
+            let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            let (n, hash) = receive_all(&mut conn).map_err(|e| format!("receive: {e}"))?;
+            report("tcp sink", n, &hash, start);
+            return Ok(());
+        }
+        _ => {}
+    }
     let path: String = arg(args, 1, "socket path")?;
     match cmd {
         "echo-clients" => {
@@ -115,7 +158,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vsock-host {}: {e}", args.join(" "));
+            eprintln!("host-tool {}: {e}", args.join(" "));
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,98 @@
+//! AF_VSOCK stream sockets through libc (std has none): what the guest
+//! tool uses inside the VM, and what a benchmark uses on the host to reach
+//! a guest behind vhost-vsock. Each socket is wrapped in a `UnixStream`,
+//! whose read, write and shutdown work on any stream socket.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+/// The host's CID as a guest sees it.
+pub const HOST_CID: u32 = 2;
+
+const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created socket this process owns alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn address(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+/// Connects to `port` of `cid`.
+pub fn connect(cid: u32, port: u32) -> io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    let fd = socket()?;
+    let addr = address(cid, port);
+    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            ADDR_LEN,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
+/// A listening socket on `port` of any local CID.
+pub struct Listener(OwnedFd);
+
+impl Listener {
+    /// Binds and listens on `port`.
+    pub fn bind(port: u32) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let fd = socket()?;
+        let addr = address(libc::VMADDR_CID_ANY, port);
+        // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_vm).cast(),
+                ADDR_LEN,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a bound socket.
+        if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> io::Result<UnixStream> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: accept(2) with no peer address wanted.
+        let fd = unsafe {
+            libc::accept4(
+                self.0.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly accepted socket this process owns alone.
+        Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
