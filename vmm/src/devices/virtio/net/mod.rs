@@ -613,6 +613,37 @@ mod tests {
     }
 
     #[test]
+    fn descriptor_loops_end_within_the_queue_size() {
+        let mem = memory();
+        let (mut port, rx, tx, host) = port(&mem, true);
+        // Each chain's only descriptor names itself as next: virtio-queue
+        // stops following it after queue-size (64) hops, so the chain is
+        // at most 64 aliases of the same 64 guest bytes.
+        let looped = |flags: u32| {
+            RawDescriptor::from(SplitDescriptor::new(
+                BUFS,
+                64,
+                (flags | VRING_DESC_F_NEXT) as u16,
+                0,
+            ))
+        };
+        rx.add_desc_chains(&[looped(VRING_DESC_F_WRITE)], 0)
+            .unwrap();
+        tx.add_desc_chains(&[looped(0)], 0).unwrap();
+        host.send(&frame(1000)).unwrap();
+        port.process_rx();
+        assert!(port.process_tx());
+        let rx_used = used(&rx);
+        assert_eq!(rx_used.len(), 1);
+        assert!(rx_used[0].1 <= 64 * 64, "{rx_used:?}");
+        assert_eq!(used(&tx), vec![(0, 0)], "tx chain returned");
+        host.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 8192];
+        let sent = host.recv(&mut buf).unwrap_or(0);
+        assert!(sent <= 64 * 64, "at most the aliased bytes: {sent}");
+    }
+
+    #[test]
     fn offloads_follow_the_accepted_features() {
         use feature::*;
         assert_eq!(tap_offloads(0), 0);
