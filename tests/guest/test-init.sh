@@ -83,6 +83,8 @@ case "${moat_mode:-report}" in
     sink_pid=$!
     guest-tool tcp-send 10.0.2.1:7000 "$bulk" 42
     wait "$sink_pid"
+    stats=/sys/class/net/eth0/statistics
+    echo "MOAT_GUEST eth0 rx dropped+errors: $(( $(cat $stats/rx_dropped) + $(cat $stats/rx_errors) ))"
     ;;
   devbench)
     bulk=$(( ${moat_bulk_mib:-128} * 1048576 ))

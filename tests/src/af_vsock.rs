@@ -96,3 +96,9 @@ impl Listener {
         Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 }
+
+impl std::os::fd::AsRawFd for Listener {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
