@@ -196,14 +196,17 @@ impl FromStr for BlockConfig {
     }
 }
 
+/// A device ID: 1 to 20 printable ASCII characters, no space or comma
+/// (commas separate the fields of a CLI device description).
+fn is_device_id(id: &str) -> bool {
+    (1..=20).contains(&id.len()) && id.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
+}
+
 fn check_blocks(blocks: &[BlockConfig]) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::new();
     for block in blocks {
         let id = &block.id;
-        if id.is_empty()
-            || id.len() > 20
-            || !id.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
-        {
+        if !is_device_id(id) {
             return Err(ConfigError::BlockId(id.clone()));
         }
         if !seen.insert(id.as_str()) {
@@ -270,10 +273,7 @@ fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
     let mut taps = std::collections::HashSet::new();
     for net in nets {
         let id = &net.id;
-        if id.is_empty()
-            || id.len() > 20
-            || !id.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
-        {
+        if !is_device_id(id) {
             return Err(ConfigError::NetId(id.clone()));
         }
         if !ids.insert(id.as_str()) {

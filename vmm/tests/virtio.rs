@@ -154,12 +154,6 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
-    let line = |prefix: &str| {
-        run.stdout
-            .lines()
-            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
-            .map(str::to_string)
-    };
     assert!(
         run.stdout.contains("host echo clients: 100 ok"),
         "host to guest echo\n{all}"
@@ -176,16 +170,8 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
     );
 
     let bytes = vsock_bulk_mib() << 20;
-    let hash_of = |text: Option<String>| {
-        let text = text.unwrap_or_default();
-        let (count, rest) = text.split_once(" bytes sha256 ").unwrap_or(("", ""));
-        (
-            count.parse::<u64>().unwrap_or(0),
-            rest.split(' ').next().unwrap_or("").to_string(),
-        )
-    };
-    let (sent, sent_hash) = hash_of(line("host send: "));
-    let (received, received_hash) = hash_of(run.guest_value("vsock sink").map(str::to_string));
+    let (sent, sent_hash) = count_and_hash(run.line_after("host send: "));
+    let (received, received_hash) = count_and_hash(run.guest_value("vsock sink"));
     assert_eq!(
         (sent, received),
         (bytes, bytes),
@@ -195,8 +181,8 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
         sent_hash.len() == 64 && sent_hash == received_hash,
         "host to guest SHA-256\n{all}"
     );
-    let (sent, sent_hash) = hash_of(run.guest_value("vsock send").map(str::to_string));
-    let (received, received_hash) = hash_of(line("host sink: "));
+    let (sent, sent_hash) = count_and_hash(run.guest_value("vsock send"));
+    let (received, received_hash) = count_and_hash(run.line_after("host sink: "));
     assert_eq!(
         (sent, received),
         (bytes, bytes),
@@ -209,7 +195,7 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
     assert!(run.stdout.contains("vm exit status: 0"), "{all}");
     assert!(run.stdout.contains("vsock socket removed"), "{all}");
     for report in ["host send: ", "host sink: "] {
-        if let Some(l) = line(report) {
+        if let Some(l) = run.line_after(report) {
             eprintln!("{report}{l}");
         }
     }
@@ -272,12 +258,6 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
-    let host_report = |prefix: &str| {
-        run.stdout
-            .lines()
-            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
-            .map(str::to_string)
-    };
     assert_eq!(
         run.guest_value("eth0 mac"),
         Some("02:00:00:00:00:0a"),
@@ -288,7 +268,7 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
             .is_some_and(|p| p.contains("3 packets received")),
         "guest pings the host\n{all}"
     );
-    let (sent, sent_hash) = count_and_hash(host_report("host tcp send: ").as_deref());
+    let (sent, sent_hash) = count_and_hash(run.line_after("host tcp send: "));
     let (received, received_hash) = count_and_hash(run.guest_value("tcp sink"));
     assert_eq!((sent, received), (bytes, bytes), "host to guest\n{all}");
     assert!(
@@ -296,7 +276,7 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         "host to guest SHA-256\n{all}"
     );
     let (sent, sent_hash) = count_and_hash(run.guest_value("tcp send"));
-    let (received, received_hash) = count_and_hash(host_report("host tcp sink: ").as_deref());
+    let (received, received_hash) = count_and_hash(run.line_after("host tcp sink: "));
     assert_eq!((sent, received), (bytes, bytes), "guest to host\n{all}");
     assert!(
         sent_hash.len() == 64 && sent_hash == received_hash,
@@ -314,7 +294,7 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         "{all}"
     );
     for report in ["host tcp send: ", "host tcp sink: "] {
-        if let Some(line) = host_report(report) {
+        if let Some(line) = run.line_after(report) {
             eprintln!("{report}{line}");
         }
     }

@@ -96,10 +96,15 @@ impl Run {
 
     /// The value of the guest's `MOAT_GUEST <key>: <value>` report line.
     pub fn guest_value(&self, key: &str) -> Option<&str> {
-        let prefix = format!("MOAT_GUEST {key}: ");
+        self.line_after(&format!("MOAT_GUEST {key}: "))
+    }
+
+    /// The rest of the first stdout line that starts with `prefix` (a
+    /// report from a host tool of the scenario, or the guest's console).
+    pub fn line_after(&self, prefix: &str) -> Option<&str> {
         self.stdout
             .lines()
-            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
     }
 }
 
