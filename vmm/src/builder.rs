@@ -35,7 +35,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
-use crate::shutdown::{ExitReason, StopSignal};
+use crate::shutdown::{stop_on_host_signals, ExitReason, StopSignal};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, BootSpec, Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError};
@@ -371,9 +371,11 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
 }
 
 /// Builds the VM `config` describes and runs it until the guest resets or
-/// powers off, or a vCPU fails. `vmm_start` is when the VMM process began,
+/// powers off, a vCPU fails, or the host sends SIGTERM or SIGINT. `vmm_start` is when the VMM process began,
 /// for the boot-time marker.
 pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildError> {
+    let stop = StopSignal::new();
+    stop_on_host_signals(&stop).map_err(|e| BuildError::Device(format!("signal handling: {e}")))?;
     let (kernel_file, kernel_format) = open_kernel(&config.kernel)?;
     // Images and taps are the user's input: their errors come before KVM's.
     let devices = virtio_devices(config)?;
@@ -404,7 +406,6 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         kernel.header,
     )?;
 
-    let stop = StopSignal::new();
     let boot_time = Arc::new(Mutex::new(None));
     let console = console_writer(&config.serial)?;
     let pio_bus = attach_legacy_devices(&vm, console, &stop, vmm_start, boot_time.clone())?;

@@ -14,13 +14,52 @@ pub enum ExitReason {
     GuestPowerOff,
     /// A vCPU failed in a way the VMM cannot resume from.
     VcpuFailure(String),
+    /// The host asked the VMM to stop (SIGTERM or SIGINT, by number).
+    HostSignal(i32),
 }
 
 impl ExitReason {
     /// Whether the VM ended the way a guest is allowed to end it.
     pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::GuestReset | ExitReason::GuestPowerOff)
+        matches!(
+            self,
+            ExitReason::GuestReset | ExitReason::GuestPowerOff | ExitReason::HostSignal(_)
+        )
     }
+}
+
+/// Turns SIGTERM and SIGINT into a stop of the VM, so that the VMM tears
+/// it down (vCPUs stopped, devices dropped, the vsock socket and any tap
+/// it created removed) instead of dying where it stands. It blocks both
+/// signals in the calling thread, which every thread started afterwards
+/// inherits, and waits for them on a thread of its own: call it before
+/// starting any other thread.
+pub fn stop_on_host_signals(stop: &StopSignal) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain old data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; SIGTERM and SIGINT are valid signals.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: `set` is valid and the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    let stop = stop.clone();
+    std::thread::Builder::new()
+        .name("moat_signals".into())
+        .spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: `set` is valid and `signal` a valid place for the result.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                stop.raise(ExitReason::HostSignal(signal));
+                return;
+            }
+        })?;
+    Ok(())
 }
 
 /// A one-shot, first-writer-wins stop request shared by all VM threads.

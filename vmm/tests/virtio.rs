@@ -299,3 +299,37 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         }
     }
 }
+
+#[test]
+fn sigterm_stops_the_vm_cleanly_and_removes_the_vsock_socket() {
+    let guest_tool = test_tool("guest-tool");
+    let initramfs = test_initramfs_with("virtio-vsock", &[&guest_tool]);
+    // The vsock scenario's guest waits for host connections, so the VM
+    // is still running when SIGTERM arrives.
+    let script = format!(
+        r#"set -u
+        rm -f /tmp/term.sock
+        {vmm} --kernel {kernel} --initramfs {initramfs} --memory 256 \
+            --vsock cid=3,path=/tmp/term.sock --append "quiet moat_mode=vsock" \
+            >/tmp/term-vm.out 2>/tmp/term-vm.err &
+        vm=$!
+        until grep -q "echo server: listening" /tmp/term-vm.out; do sleep 0.2; done
+        [ -S /tmp/term.sock ] && echo "socket present while running"
+        kill -TERM $vm
+        wait $vm; echo "vm exit status: $?"
+        [ -e /tmp/term.sock ] && echo "vsock socket left behind" || echo "vsock socket removed"
+        cat /tmp/term-vm.err"#,
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
+    );
+    let run = kvm_run(&["bash", "-c", &script]);
+    let all = run.describe();
+    assert!(run.stdout.contains("socket present while running"), "{all}");
+    assert!(run.stdout.contains("vm exit status: 0"), "{all}");
+    assert!(run.stdout.contains("vsock socket removed"), "{all}");
+    assert!(
+        run.stdout.contains("guest stopped (HostSignal(15))"),
+        "{all}"
+    );
+}
