@@ -11,7 +11,10 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux
 
-.PHONY: demo test deps kernel initramfs build build-release lint unit-test \
+AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
+AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/moat-agent
+
+.PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
 	harness-test test-tools kvm-test bench-boot bench-devices
 
 ## demo: build everything, boot a microVM, show what the guest sees.
@@ -40,6 +43,14 @@ kernel:
 initramfs:
 	tests/guest/build-initramfs.sh $(TEST_INITRAMFS)
 
+## guest: the pod VM's guest, the kernel and an initramfs holding only the
+## static moat-agent as /init.
+guest: kernel
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-agent --bin moat-agent \
+		--release --target x86_64-unknown-linux-gnu
+	guest-agent/build-initramfs.sh $(AGENT_INITRAMFS) $(AGENT_BIN)
+	@echo "kernel: $$(kernel-config/build-kernel.sh 2>/dev/null | tail -n1)"
+
 build:
 	cargo build --workspace --all-targets
 
@@ -54,6 +65,7 @@ lint:
 unit-test:
 	cargo test --workspace --lib --bins
 	cargo test -p moat-vmm --test bad_config
+	cargo test -p moat-agent --test host
 
 harness-test:
 	tests/harness/selftest
@@ -68,8 +80,8 @@ test-tools:
 		--release --target x86_64-unknown-linux-gnu
 
 # KVM boots go through the harness one at a time: each starts its own L1.
-kvm-test: test-tools
-	cargo test --release -p moat-vmm --test boot --test virtio -- --test-threads=1
+kvm-test: test-tools guest
+	cargo test --release -p moat-vmm --test boot --test virtio --test agent -- --test-threads=1
 
 ## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS.
 bench-boot: deps kernel build-release initramfs

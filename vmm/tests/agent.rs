@@ -1,0 +1,53 @@
+//! The pod guest (`make guest`: the project kernel and an initramfs whose
+//! /init is moat-agent) boots in moat-vmm and answers a health check over
+//! the hybrid vsock, the shim's only way in. Runs through the KVM harness.
+
+mod common;
+
+use common::{guest_vmlinux, kvm_run, repo_root, test_tool, vmm_binary};
+
+#[test]
+fn agent_answers_health_check_over_vsock_after_boot() {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), std::path::PathBuf::from);
+    let initramfs = target.join("moat-guest/agent-initramfs.cpio.gz");
+    assert!(
+        initramfs.is_file(),
+        "{} is missing: build it with `make guest`",
+        initramfs.display()
+    );
+    let check = test_tool("agent-check");
+    // agent-check starts with the VMM, so its time is VMM start to the
+    // first answered health check.
+    let script = format!(
+        r#"set -u
+        rm -f /tmp/agent.sock
+        {vmm} --kernel {kernel} --initramfs {initramfs} --memory 256 \
+            --vsock cid=3,path=/tmp/agent.sock --append "quiet moat.hostname=pod-test" \
+            >/tmp/agent-vm.out 2>&1 &
+        vm=$!
+        {check} /tmp/agent.sock 1024 60; echo "agent-check exit: $?"
+        kill -TERM $vm; wait $vm; echo "vm exit status: $?"
+        cat /tmp/agent-vm.out"#,
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
+        check = check.display(),
+    );
+    let run = kvm_run(&["bash", "-c", &script]);
+    let all = run.describe();
+    assert!(run.stdout.contains("agent-check exit: 0"), "{all}");
+    assert!(
+        run.stdout.contains("health check ok after") && run.stdout.contains("(api version 1)"),
+        "{all}"
+    );
+    assert!(
+        run.stdout
+            .contains("moat-agent: serving on vsock://-1:1024"),
+        "{all}"
+    );
+    assert!(run.stdout.contains("vm exit status: 0"), "{all}");
+    if let Some(line) = run.line_after("agent ready: ") {
+        eprintln!("agent ready: {line}");
+    }
+}
