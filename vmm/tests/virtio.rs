@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{guest_vmlinux, kvm_run, test_initramfs, test_initramfs_with, test_tool, vmm_binary};
+use common::{
+    guest_vmlinux, kvm_run, kvm_run_again_after_guest_crash, test_initramfs, test_initramfs_with,
+    test_tool, vmm_binary,
+};
 
 #[test]
 fn virtio_rng_feeds_the_guest_hwrng() {
@@ -140,7 +143,8 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
         {host} send /tmp/v.sock 5001 $(({mib} * 1048576)) 7 >/tmp/host-send.out
         {host} send /tmp/v.sock 5002 1 1 >/dev/null
         wait $vm; echo "vm exit status: $?"
-        wait $sink
+        # A guest that died never finishes the sink's connection.
+        ( sleep 10; kill $sink 2>/dev/null ) & wait $sink
         # The host tools report once the guest's console has gone quiet,
         # so that their lines never split one of the guest's.
         cat /tmp/host-echo.out /tmp/host-send.out /tmp/host-sink.out
@@ -152,7 +156,7 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
         initramfs = initramfs.display(),
         mib = vsock_bulk_mib(),
     );
-    let run = kvm_run(&["bash", "-c", &script]);
+    let run = kvm_run_again_after_guest_crash(&["bash", "-c", &script]);
     let all = run.describe();
     assert!(
         run.stdout.contains("host echo clients: 100 ok"),
@@ -245,7 +249,8 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         vm=$!
         {host} tcp-send 10.0.2.2:7001 {bytes} 7 >/tmp/host-tcp-send.out
         wait $vm; echo "vm exit status: $?"
-        wait $sink
+        # A guest that died never finishes the sink's connection.
+        ( sleep 10; kill $sink 2>/dev/null ) & wait $sink
         cat /tmp/host-tcp-send.out /tmp/host-tcp-sink.out
         echo "tap tx dropped: $(cat /sys/class/net/moat-tap0/statistics/tx_dropped)"
         ip link show moat-tmp0 >/dev/null 2>&1 && echo "created tap left behind" || echo "created tap removed"
@@ -256,7 +261,7 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         initramfs = initramfs.display(),
         mib = net_bulk_mib(),
     );
-    let run = kvm_run(&["bash", "-c", &script]);
+    let run = kvm_run_again_after_guest_crash(&["bash", "-c", &script]);
     let all = run.describe();
     assert_eq!(
         run.guest_value("eth0 mac"),
