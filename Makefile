@@ -9,7 +9,7 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 # Debian packages the build and the tests use. The kernel and harness
 # scripts install their own too, so each also works on its own.
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
-	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux
+	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps
 
 AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/moat-agent
