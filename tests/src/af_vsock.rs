@@ -1,6 +1,8 @@
 //! AF_VSOCK stream sockets through libc (std has none): what the guest
 //! tool uses inside the VM, and what a benchmark uses on the host to reach
-//! a guest behind vhost-vsock. Each socket is wrapped in a `UnixStream`,
+//! a guest behind vhost-vsock. Also the host side of moat-vmm's hybrid
+//! vsock ([`connect_hybrid`]), which reaches a guest port through the VM's
+//! Unix socket. Each socket is wrapped in a `UnixStream`,
 //! whose read, write and shutdown work on any stream socket.
 
 use std::io;
@@ -101,4 +103,33 @@ impl std::os::fd::AsRawFd for Listener {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// Connects to guest `port` through a VM's hybrid vsock socket `uds`:
+/// writes `CONNECT <port>`, then reads `OK <host port>` (waiting at most
+/// 5 s for it). The returned stream has no read timeout.
+pub fn connect_hybrid(uds: impl AsRef<std::path::Path>, port: u32) -> io::Result<UnixStream> {
+    use std::io::{Read, Write};
+    let mut stream = UnixStream::connect(uds)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "closed before OK",
+            ));
+        }
+        line.push(byte[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected reply {:?}", String::from_utf8_lossy(&line)),
+        ));
+    }
+    stream.set_read_timeout(None)?;
+    Ok(stream)
 }

@@ -4,39 +4,17 @@
 //!
 //!   agent-check UDS PORT TIMEOUT_SECS
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use moat_protocol::agent::{CheckRequest, VersionRequest};
 use moat_protocol::agent_ttrpc::AgentServiceClient;
 
-/// Opens a stream to guest `port` through the hybrid socket: `CONNECT`,
-/// then `OK`.
-fn connect(uds: &str, port: u32) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        if stream.read(&mut byte)? == 0 {
-            return Err(std::io::ErrorKind::ConnectionRefused.into());
-        }
-        line.push(byte[0]);
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::ErrorKind::ConnectionRefused.into());
-    }
-    stream.set_read_timeout(None)?;
-    stream.set_nonblocking(true)?;
-    Ok(stream)
-}
-
 /// One attempt: connect and ask for health and version.
 async fn check_once(uds: &str, port: u32) -> Result<u32, String> {
-    let stream = connect(uds, port).map_err(|e| format!("connect: {e}"))?;
+    let stream = moat_tests::af_vsock::connect_hybrid(uds, port)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(|e| format!("connect: {e}"))?;
     let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
     let client = AgentServiceClient::new(ttrpc::r#async::Client::new(
         ttrpc::r#async::transport::Socket::from(stream),

@@ -236,24 +236,7 @@ fn patiently<S>(what: &str, mut connect: impl FnMut() -> std::io::Result<S>) -> 
 fn vsock_connect(vmm: Vmm, port: u32) -> std::io::Result<UnixStream> {
     match vmm {
         Vmm::Qemu => af_vsock::connect(GUEST_CID, port),
-        Vmm::Moat => {
-            let mut stream = UnixStream::connect(vsock_socket())?;
-            // The guest answers within moments once its driver is up.
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-            let mut byte = [0u8; 1];
-            let mut line = Vec::new();
-            while byte[0] != b'\n' {
-                if stream.read(&mut byte)? == 0 {
-                    return Err(std::io::ErrorKind::ConnectionRefused.into());
-                }
-                line.push(byte[0]);
-            }
-            if !line.starts_with(b"OK ") {
-                return Err(std::io::ErrorKind::ConnectionRefused.into());
-            }
-            Ok(stream)
-        }
+        Vmm::Moat => af_vsock::connect_hybrid(vsock_socket(), port),
     }
 }
 

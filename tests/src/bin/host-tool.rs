@@ -8,7 +8,7 @@
 //!   host-tool tcp-send ADDR:PORT BYTES SEED     send a pattern over TCP
 //!   host-tool tcp-sink ADDR:PORT                one TCP connection to its end
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -18,35 +18,10 @@ use moat_tests::stream_check::{concurrent_echo_clients, echo, receive_all, send_
 /// How long to keep retrying while the guest is not listening yet.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
-/// Connects to guest `port` through the VM's socket: `CONNECT`, then `OK`.
-fn connect_once(uds: &str, port: u32) -> io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        if stream.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                "closed before OK",
-            ));
-        }
-        line.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&line);
-    if !text.starts_with("OK ") {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected reply {text:?}"),
-        ));
-    }
-    Ok(stream)
-}
-
 fn connect(uds: &str, port: u32) -> io::Result<UnixStream> {
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
-        match connect_once(uds, port) {
+        match moat_tests::af_vsock::connect_hybrid(uds, port) {
             Ok(stream) => return Ok(stream),
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
