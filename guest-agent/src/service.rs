@@ -1,18 +1,99 @@
-//! The AgentService the agent serves. Methods not implemented here answer
-//! NOT_FOUND with the method's name (the generated default).
+//! The AgentService the agent serves: it checks each request (no
+//! unknown fields, valid IDs) and maps it onto the [`Engine`] and the
+//! [`guest`](crate::guest) settings, turning errors into ttrpc statuses
+//! whose message names what was wrong.
 
-use moat_protocol::agent::{CheckRequest, CheckResponse, VersionRequest, VersionResponse};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use moat_protocol::agent::*;
 use moat_protocol::agent_ttrpc::AgentService;
 use moat_protocol::API_VERSION;
 use ttrpc::r#async::TtrpcContext;
+use ttrpc::Code;
+
+use crate::engine::{Engine, EngineError, MountRequest};
+use crate::guest::{self, GuestError};
 
 /// The agent's service state.
-#[derive(Debug, Default)]
-pub struct Agent;
+#[derive(Debug)]
+pub struct Agent {
+    engine: Arc<Engine>,
+    guest: guest::GuestConfig,
+}
+
+impl Agent {
+    /// A service over `engine`, writing guest settings per `guest`.
+    pub fn new(engine: Arc<Engine>, guest: guest::GuestConfig) -> Agent {
+        Agent { engine, guest }
+    }
+}
+
+fn status(code: Code, message: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
+}
+
+impl From<EngineError> for ttrpc::Error {
+    fn from(e: EngineError) -> ttrpc::Error {
+        let code = match &e {
+            EngineError::NotFound(_) | EngineError::ProcessNotFound { .. } => Code::NOT_FOUND,
+            EngineError::AlreadyExists(_) | EngineError::ProcessExists { .. } => {
+                Code::ALREADY_EXISTS
+            }
+            EngineError::Invalid { .. } => Code::INVALID_ARGUMENT,
+            EngineError::Precondition(_) => Code::FAILED_PRECONDITION,
+            EngineError::Io { .. } | EngineError::Runtime(_) => Code::INTERNAL,
+        };
+        status(code, e.to_string())
+    }
+}
+
+impl From<GuestError> for ttrpc::Error {
+    fn from(e: GuestError) -> ttrpc::Error {
+        let code = match &e {
+            GuestError::Invalid { .. } => Code::INVALID_ARGUMENT,
+            GuestError::NotFound(_) => Code::NOT_FOUND,
+            GuestError::Io { .. } => Code::INTERNAL,
+        };
+        status(code, e.to_string())
+    }
+}
+
+/// Refuses a message carrying fields this agent does not know: a newer
+/// shim asking for something this agent would silently ignore.
+fn known_fields(method: &str, message: &dyn protobuf::MessageDyn) -> ttrpc::Result<()> {
+    let unknown: Vec<u32> = message
+        .special_fields_dyn()
+        .unknown_fields()
+        .iter()
+        .map(|(number, _)| number)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(status(
+            Code::INVALID_ARGUMENT,
+            format!(
+                "{method}: unknown field number(s) {unknown:?} in {} (agent API version {API_VERSION})",
+                message.descriptor_dyn().name()
+            ),
+        ))
+    }
+}
+
+fn mount_request(m: &Mount) -> MountRequest {
+    MountRequest {
+        source: m.source.clone(),
+        destination: m.destination.clone(),
+        fstype: m.fstype.clone(),
+        options: m.options.clone(),
+    }
+}
 
 #[async_trait::async_trait]
 impl AgentService for Agent {
-    async fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
+    async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {
+        known_fields("Check", &req)?;
         Ok(CheckResponse {
             serving: true,
             ..Default::default()
@@ -22,12 +103,334 @@ impl AgentService for Agent {
     async fn version(
         &self,
         _ctx: &TtrpcContext,
-        _req: VersionRequest,
+        req: VersionRequest,
     ) -> ttrpc::Result<VersionResponse> {
+        known_fields("Version", &req)?;
         Ok(VersionResponse {
             api_version: API_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
         })
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("CreateContainer", &req)?;
+        if let Some(rootfs) = req.rootfs.as_ref() {
+            known_fields("CreateContainer", rootfs)?;
+        }
+        for m in &req.mounts {
+            known_fields("CreateContainer", m)?;
+        }
+        self.engine
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                req.rootfs.as_ref().map(mount_request),
+                req.mounts.iter().map(mount_request).collect(),
+                req.terminal,
+            )
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("StartContainer", &req)?;
+        self.engine.start(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("RemoveContainer", &req)?;
+        self.engine
+            .remove(
+                &req.container_id,
+                Duration::from_secs(req.timeout_secs.into()),
+            )
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("PauseContainer", &req)?;
+        self.engine.pause(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("ResumeContainer", &req)?;
+        self.engine.resume(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("ExecProcess", &req)?;
+        self.engine
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.oci_process_json,
+                req.terminal,
+            )
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("SignalProcess", &req)?;
+        self.engine
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        known_fields("WaitProcess", &req)?;
+        let exit = self.engine.wait(&req.container_id, &req.exec_id).await?;
+        let at = exit
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Ok(WaitProcessResponse {
+            status: exit.status,
+            exited_at_ns: at,
+            ..Default::default()
+        })
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStreamRequest,
+    ) -> ttrpc::Result<WriteStreamResponse> {
+        known_fields("WriteStdin", &req)?;
+        let len = self
+            .engine
+            .write_stdin(&req.container_id, &req.exec_id, &req.data)
+            .await?;
+        Ok(WriteStreamResponse {
+            len: len as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        known_fields("ReadStdout", &req)?;
+        let data = self
+            .engine
+            .read(&req.container_id, &req.exec_id, false, req.max_len as usize)
+            .await?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        known_fields("ReadStderr", &req)?;
+        let data = self
+            .engine
+            .read(&req.container_id, &req.exec_id, true, req.max_len as usize)
+            .await?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("CloseStdin", &req)?;
+        self.engine
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("TtyWinResize", &req)?;
+        self.engine
+            .resize(&req.container_id, &req.exec_id, req.rows, req.columns)?;
+        Ok(Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        known_fields("ListProcesses", &req)?;
+        let pids = self.engine.pids(&req.container_id).await?;
+        Ok(ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("UpdateContainer", &req)?;
+        self.engine
+            .update(&req.container_id, &req.oci_resources_json)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        known_fields("StatsContainer", &req)?;
+        let s = self.engine.stats(&req.container_id).await?;
+        Ok(StatsContainerResponse {
+            cpu: Some(CpuStats {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                nr_periods: s.nr_periods,
+                nr_throttled: s.nr_throttled,
+                throttled_usec: s.throttled_usec,
+                ..Default::default()
+            })
+            .into(),
+            memory: Some(MemoryStats {
+                current: s.memory_current,
+                max: s.memory_max,
+                anon: s.memory_anon,
+                file: s.memory_file,
+                oom_kills: s.oom_kills,
+                ..Default::default()
+            })
+            .into(),
+            pids: Some(PidsStats {
+                current: s.pids_current,
+                max: s.pids_max,
+                ..Default::default()
+            })
+            .into(),
+            io: Some(IoStats {
+                read_bytes: s.io_read_bytes,
+                write_bytes: s.io_write_bytes,
+                read_ios: s.io_read_ios,
+                write_ios: s.io_write_ios,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        req: GetOomEventRequest,
+    ) -> ttrpc::Result<OomEvent> {
+        known_fields("GetOomEvent", &req)?;
+        match self.engine.next_oom().await {
+            Some(container_id) => Ok(OomEvent {
+                container_id,
+                ..Default::default()
+            }),
+            None => Err(status(
+                Code::UNAVAILABLE,
+                "GetOomEvent: the OOM watcher has stopped".to_string(),
+            )),
+        }
+    }
+
+    async fn set_guest_date_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetGuestDateTimeRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("SetGuestDateTime", &req)?;
+        guest::set_time(req.seconds, req.nanos)?;
+        Ok(Empty::new())
+    }
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        known_fields("UpdateInterface", &req)?;
+        let Some(interface) = req.interface.into_option() else {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "UpdateInterface: no interface given".to_string(),
+            ));
+        };
+        known_fields("UpdateInterface", &interface)?;
+        Ok(guest::update_interface(&interface).await?)
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("UpdateRoutes", &req)?;
+        for route in &req.routes {
+            known_fields("UpdateRoutes", route)?;
+        }
+        guest::update_routes(&req.routes).await?;
+        Ok(Empty::new())
+    }
+
+    async fn set_dns(&self, _ctx: &TtrpcContext, req: SetDnsRequest) -> ttrpc::Result<Empty> {
+        known_fields("SetDns", &req)?;
+        guest::set_dns(&self.guest, &req)?;
+        Ok(Empty::new())
     }
 }

@@ -7,5 +7,6 @@
 //! ratio against a peer measured beside it.
 
 pub mod af_vsock;
+pub mod agent_suite;
 pub mod measure;
 pub mod stream_check;
