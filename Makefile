@@ -9,9 +9,13 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 # Debian packages the build and the tests use. The kernel and harness
 # scripts install their own too, so each also works on its own.
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
-	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps
+	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps \
+	libseccomp-dev
 
 AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
+# The same plus a busybox root filesystem at /busybox, for the agent's
+# container tests in the harness.
+AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/moat-agent
 
 .PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
@@ -45,10 +49,12 @@ initramfs:
 
 ## guest: the pod VM's guest, the kernel and an initramfs holding only the
 ## static moat-agent as /init.
-guest: kernel
+guest: deps kernel
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-agent --bin moat-agent \
 		--release --target x86_64-unknown-linux-gnu
 	guest-agent/build-initramfs.sh $(AGENT_INITRAMFS) $(AGENT_BIN)
+	guest-agent/build-initramfs.sh $(AGENT_TEST_INITRAMFS) $(AGENT_BIN) --with-busybox
 	@echo "kernel: $$(kernel-config/build-kernel.sh 2>/dev/null | tail -n1)"
 
 build:

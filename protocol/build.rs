@@ -19,4 +19,9 @@ fn main() {
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(true))
         .run()
         .expect("ttrpc codegen of protos/agent.proto");
+    // lib.rs include!s mod.rs, where an inner attribute is not allowed.
+    let mod_rs = std::path::Path::new(&out_dir).join("mod.rs");
+    let text = std::fs::read_to_string(&mod_rs).expect("generated mod.rs");
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![")).collect();
+    std::fs::write(&mod_rs, kept.join("\n")).expect("rewrite generated mod.rs");
 }

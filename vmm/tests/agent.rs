@@ -1,21 +1,28 @@
 //! The pod guest (`make guest`: the project kernel and an initramfs whose
 //! /init is moat-agent) boots in moat-vmm and answers a health check over
-//! the hybrid vsock, the shim's only way in. Runs through the KVM harness.
+//! the hybrid vsock, the shim's only way in; and the agent's client suite
+//! runs real containers in it, with the cgroup v2 cases (OOM events,
+//! cpu and pids limits, stats). Runs through the KVM harness.
 
 mod common;
 
 use common::{guest_vmlinux, kvm_run, repo_root, test_tool, vmm_binary};
 
-#[test]
-fn agent_answers_health_check_over_vsock_after_boot() {
+fn guest_initramfs(name: &str) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| repo_root().join("target"), std::path::PathBuf::from);
-    let initramfs = target.join("moat-guest/agent-initramfs.cpio.gz");
+    let initramfs = target.join("moat-guest").join(name);
     assert!(
         initramfs.is_file(),
         "{} is missing: build it with `make guest`",
         initramfs.display()
     );
+    initramfs
+}
+
+#[test]
+fn agent_answers_health_check_over_vsock_after_boot() {
+    let initramfs = guest_initramfs("agent-initramfs.cpio.gz");
     let check = test_tool("agent-check");
     // agent-check starts with the VMM, so its time is VMM start to the
     // first answered health check.
@@ -50,4 +57,57 @@ fn agent_answers_health_check_over_vsock_after_boot() {
     if let Some(line) = run.line_after("agent ready: ") {
         eprintln!("agent ready: {line}");
     }
+}
+
+#[test]
+fn agent_client_suite_runs_real_containers_in_the_guest() {
+    let initramfs = guest_initramfs("agent-test-initramfs.cpio.gz");
+    let suite = test_tool("agent-suite");
+    let filter = std::env::var("MOAT_SUITE_FILTER").unwrap_or_default();
+    let script = format!(
+        r#"set -u
+        rm -f /tmp/agent.sock
+        {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512 --vcpus 2 \
+            --vsock cid=3,path=/tmp/agent.sock --append "quiet moat.hostname=pod-test" \
+            >/tmp/agent-vm.out 2>&1 &
+        vm=$!
+        {check} /tmp/agent.sock 1024 60 >/dev/null
+        {suite} /tmp/agent.sock 1024 /busybox {filter} >/tmp/suite.out 2>&1
+        echo "agent-suite exit: $?"
+        kill -TERM $vm; wait $vm; echo "vm exit status: $?"
+        cat /tmp/suite.out
+        echo "--- guest console ---"
+        cat /tmp/agent-vm.out"#,
+        vmm = vmm_binary().display(),
+        kernel = guest_vmlinux().display(),
+        initramfs = initramfs.display(),
+        check = test_tool("agent-check").display(),
+        suite = suite.display(),
+    );
+    let run = kvm_run(&["bash", "-c", &script]);
+    let all = run.describe();
+    for line in run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
+    {
+        eprintln!("{line}");
+    }
+    assert!(run.stdout.contains("agent-suite exit: 0"), "{all}");
+    assert!(!run.stdout.contains("FAIL "), "{all}");
+    if filter.is_empty() {
+        for case in [
+            "oom_event",
+            "limits_v2",
+            "guest_clock",
+            "many_containers",
+            "bad_input",
+        ] {
+            assert!(
+                run.stdout.contains(&format!("PASS {case} ")),
+                "{case} did not pass: {all}"
+            );
+        }
+    }
+    assert!(run.stdout.contains("vm exit status: 0"), "{all}");
 }
