@@ -16,7 +16,7 @@ AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 # The same plus a busybox root filesystem at /busybox, for the agent's
 # container tests in the harness.
 AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
-AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/moat-agent
+AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
 	harness-test test-tools kvm-test bench-boot bench-devices
@@ -52,7 +52,7 @@ initramfs:
 guest: deps kernel
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-agent --bin moat-agent \
-		--release --target x86_64-unknown-linux-gnu
+		--profile guest --target x86_64-unknown-linux-gnu
 	guest-agent/build-initramfs.sh $(AGENT_INITRAMFS) $(AGENT_BIN)
 	guest-agent/build-initramfs.sh $(AGENT_TEST_INITRAMFS) $(AGENT_BIN) --with-busybox
 	@echo "kernel: $$(kernel-config/build-kernel.sh 2>/dev/null | tail -n1)"

@@ -1007,20 +1007,28 @@ impl Engine {
     /// The cgroup statistics of a container.
     pub async fn stats(&self, id: &str) -> Result<ContainerStats> {
         let container = self.container(id)?;
-        let manager = self.cgroup(&container)?;
-        let v2 = self.cgroup_v2;
-        let dir = Path::new("/sys/fs/cgroup").join(
-            container
-                .cgroup_path
-                .strip_prefix("/")
-                .unwrap_or(&container.cgroup_path),
-        );
         let what = format!("stats of {id:?}");
+        if self.cgroup_v2 {
+            // Read the files directly: libcgroups' v2 stats also insist on
+            // PSI and hugetlb files a small guest kernel may not have.
+            let dir = Path::new("/sys/fs/cgroup").join(
+                container
+                    .cgroup_path
+                    .strip_prefix("/")
+                    .unwrap_or(&container.cgroup_path),
+            );
+            return blocking(move || {
+                ContainerStats::from_cgroup_v2(&dir)
+                    .map_err(io_err(format!("{what}: read {}", dir.display())))
+            })
+            .await;
+        }
+        let manager = self.cgroup(&container)?;
         blocking(move || {
             let stats = manager
                 .stats()
                 .map_err(|e| EngineError::Runtime(format!("{what}: {e}")))?;
-            Ok(ContainerStats::from_libcgroups(&stats, v2, &dir))
+            Ok(ContainerStats::from_cgroup_v1(&stats))
         })
         .await
     }
@@ -1113,10 +1121,62 @@ pub struct ContainerStats {
     pub io_write_ios: u64,
 }
 
+/// `key value` lines (cpu.stat, memory.stat, memory.events).
+fn keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|line| {
+            let (k, v) = line.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// A single value, where `max` means no limit.
+fn limit(text: &str) -> u64 {
+    match text.trim() {
+        "max" => u64::MAX,
+        n => n.parse().unwrap_or(0),
+    }
+}
+
 impl ContainerStats {
-    fn from_libcgroups(stats: &libcgroups::stats::Stats, v2: bool, dir: &Path) -> ContainerStats {
-        // v2 reports CPU time in microseconds, v1 in nanoseconds.
-        let cpu = |v: u64| if v2 { v } else { v / 1000 };
+    /// Reads a cgroup v2 directory. Files of controllers the cgroup does
+    /// not have count as zero; a missing directory is an error.
+    pub fn from_cgroup_v2(dir: &Path) -> io::Result<ContainerStats> {
+        let cpu = std::fs::read_to_string(dir.join("cpu.stat"))?;
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let memory = read("memory.stat");
+        let io = read("io.stat");
+        let io_sum = |key: &str| -> u64 {
+            io.split_whitespace()
+                .filter_map(|field| field.strip_prefix(key)?.strip_prefix('='))
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        };
+        Ok(ContainerStats {
+            cpu_usage_usec: keyed(&cpu, "usage_usec"),
+            cpu_user_usec: keyed(&cpu, "user_usec"),
+            cpu_system_usec: keyed(&cpu, "system_usec"),
+            nr_periods: keyed(&cpu, "nr_periods"),
+            nr_throttled: keyed(&cpu, "nr_throttled"),
+            throttled_usec: keyed(&cpu, "throttled_usec"),
+            memory_current: limit(&read("memory.current")),
+            memory_max: limit(&read("memory.max")),
+            memory_anon: keyed(&memory, "anon"),
+            memory_file: keyed(&memory, "file"),
+            oom_kills: keyed(&read("memory.events"), "oom_kill"),
+            pids_current: limit(&read("pids.current")),
+            pids_max: limit(&read("pids.max")),
+            io_read_bytes: io_sum("rbytes"),
+            io_write_bytes: io_sum("wbytes"),
+            io_read_ios: io_sum("rios"),
+            io_write_ios: io_sum("wios"),
+        })
+    }
+
+    fn from_cgroup_v1(stats: &libcgroups::stats::Stats) -> ContainerStats {
+        // v1 reports CPU time in nanoseconds.
+        let cpu = |v: u64| v / 1000;
         let memory_stat = |key: &str| stats.memory.stats.get(key).copied().unwrap_or(0);
         let io_sum = |list: &[libcgroups::stats::BlkioDeviceStat], op: &str| {
             list.iter()
@@ -1128,11 +1188,6 @@ impl ContainerStats {
                 .map(|s| s.value)
                 .sum()
         };
-        let oom_kills = if v2 {
-            crate::oom::oom_kills(&dir.join("memory.events"))
-        } else {
-            memory_stat("oom_kill")
-        };
         ContainerStats {
             cpu_usage_usec: cpu(stats.cpu.usage.usage_total),
             cpu_user_usec: cpu(stats.cpu.usage.usage_user),
@@ -1142,23 +1197,72 @@ impl ContainerStats {
             throttled_usec: cpu(stats.cpu.throttling.throttled_time),
             memory_current: stats.memory.memory.usage,
             memory_max: stats.memory.memory.limit,
-            memory_anon: if v2 {
-                memory_stat("anon")
-            } else {
-                memory_stat("rss")
-            },
-            memory_file: if v2 {
-                memory_stat("file")
-            } else {
-                memory_stat("cache")
-            },
-            oom_kills,
+            memory_anon: memory_stat("rss"),
+            memory_file: memory_stat("cache"),
+            oom_kills: memory_stat("oom_kill"),
             pids_current: stats.pids.current,
             pids_max: stats.pids.limit,
             io_read_bytes: io_sum(&stats.blkio.service_bytes, "read"),
             io_write_bytes: io_sum(&stats.blkio.service_bytes, "write"),
             io_read_ios: io_sum(&stats.blkio.serviced, "read"),
             io_write_ios: io_sum(&stats.blkio.serviced, "write"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_v2_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("moat-cg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = [
+            ("cpu.stat", "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 10\nnr_throttled 4\nthrottled_usec 900\n"),
+            ("memory.current", "8192\n"),
+            ("memory.max", "max\n"),
+            ("memory.stat", "anon 4096\nfile 2048\nanon_thp 0\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n"),
+            ("pids.current", "3\n"),
+            ("pids.max", "20\n"),
+            ("io.stat", "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n254:16 rbytes=1 wbytes=1 rios=1 wios=1 dbytes=0 dios=0\n"),
+        ];
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let stats = ContainerStats::from_cgroup_v2(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            stats,
+            ContainerStats {
+                cpu_usage_usec: 1500,
+                cpu_user_usec: 1000,
+                cpu_system_usec: 500,
+                nr_periods: 10,
+                nr_throttled: 4,
+                throttled_usec: 900,
+                memory_current: 8192,
+                memory_max: u64::MAX,
+                memory_anon: 4096,
+                memory_file: 2048,
+                oom_kills: 1,
+                pids_current: 3,
+                pids_max: 20,
+                io_read_bytes: 4097,
+                io_write_bytes: 8193,
+                io_read_ios: 2,
+                io_write_ios: 3,
+            }
+        );
+        assert!(ContainerStats::from_cgroup_v2(Path::new("/nonexistent/cgroup")).is_err());
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("container ID", "pod-1_a.b").is_ok());
+        for bad in ["", ".hidden", "../x", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_id("container ID", bad).is_err(), "{bad:?}");
         }
     }
 }

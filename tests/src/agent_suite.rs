@@ -914,7 +914,7 @@ impl Suite {
         let mut s = spec(&[
             "sh",
             "-c",
-            "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo spun; sleep 1000",
+            "i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done; echo spun; sleep 1000",
         ]);
         s["linux"]["resources"]["cpu"] = json!({"quota": 10000, "period": 100000});
         s["linux"]["resources"]["pids"] = json!({"limit": 8});

@@ -33,8 +33,9 @@ fn agent_answers_health_check_over_vsock_after_boot() {
             --vsock cid=3,path=/tmp/agent.sock --append "quiet moat.hostname=pod-test" \
             >/tmp/agent-vm.out 2>&1 &
         vm=$!
-        {check} /tmp/agent.sock 1024 60; echo "agent-check exit: $?"
-        kill -TERM $vm; wait $vm; echo "vm exit status: $?"
+        timeout 90 {check} /tmp/agent.sock 1024 60; echo "agent-check exit: $?"
+        kill -TERM $vm; timeout 20 tail --pid=$vm -f /dev/null || kill -KILL $vm
+        wait $vm; echo "vm exit status: $?"
         cat /tmp/agent-vm.out"#,
         vmm = vmm_binary().display(),
         kernel = guest_vmlinux().display(),
@@ -71,10 +72,11 @@ fn agent_client_suite_runs_real_containers_in_the_guest() {
             --vsock cid=3,path=/tmp/agent.sock --append "quiet moat.hostname=pod-test" \
             >/tmp/agent-vm.out 2>&1 &
         vm=$!
-        {check} /tmp/agent.sock 1024 60 >/dev/null
-        {suite} /tmp/agent.sock 1024 /busybox {filter} >/tmp/suite.out 2>&1
+        timeout 90 {check} /tmp/agent.sock 1024 60 >/dev/null
+        timeout 400 {suite} /tmp/agent.sock 1024 /busybox {filter} >/tmp/suite.out 2>&1
         echo "agent-suite exit: $?"
-        kill -TERM $vm; wait $vm; echo "vm exit status: $?"
+        kill -TERM $vm; timeout 20 tail --pid=$vm -f /dev/null || kill -KILL $vm
+        wait $vm; echo "vm exit status: $?"
         cat /tmp/suite.out
         echo "--- guest console ---"
         cat /tmp/agent-vm.out"#,
