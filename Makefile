@@ -10,7 +10,7 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 # scripts install their own too, so each also works on its own.
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps \
-	libseccomp-dev
+	libseccomp-dev zlib1g-dev pkg-config
 
 AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 # The same plus a busybox root filesystem at /busybox, for the agent's

@@ -817,6 +817,22 @@ impl Suite {
         Ok(())
     }
 
+    async fn device_rules(&self) -> CaseResult {
+        // With CAP_MKNOD a container can make any device node; the device
+        // cgroup (an eBPF program on v2) decides which it may open.
+        let script = "mknod /dev/kmsg2 c 1 11; head -c 1 /dev/kmsg2 2>&1 | grep -o 'Operation not permitted'; \
+                      mknod /dev/null2 c 1 3; echo x > /dev/null2 && echo null-ok";
+        let mut s = spec(&["sh", "-c", script]);
+        let caps = json!(["CAP_MKNOD", "CAP_KILL"]);
+        s["process"]["capabilities"] =
+            json!({"bounding": caps, "effective": caps, "permitted": caps});
+        let done = self.run(&self.id("devices"), &s).await?;
+        ensure(
+            done.stdout.contains("Operation not permitted") && done.stdout.contains("null-ok"),
+            || format!("device rules not applied: {done:?}"),
+        )
+    }
+
     async fn pause_and_resume(&self) -> CaseResult {
         let id = self.id("pause");
         let s = spec(&["sh", "-c", "while true; do echo tick; sleep 0.05; done"]);
@@ -1399,6 +1415,7 @@ impl Suite {
             ("tty_exec_resize", Box::pin(self.tty_exec_resize())),
             ("tty_init", Box::pin(self.tty_init())),
             ("spec_features", Box::pin(self.spec_features())),
+            ("device_rules", Box::pin(self.device_rules())),
             ("pause_and_resume", Box::pin(self.pause_and_resume())),
             ("stats_and_update", Box::pin(self.stats_and_update())),
             ("bad_input", Box::pin(self.bad_input())),
