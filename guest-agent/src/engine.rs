@@ -173,6 +173,37 @@ pub fn check_id(what: &str, id: &str) -> Result<()> {
     }
 }
 
+/// Parses a container's OCI spec (JSON) and gives its process the
+/// terminal the request asks for.
+pub fn parse_spec(json: &[u8], terminal: bool) -> Result<Spec> {
+    let mut spec: Spec = serde_json::from_slice(json).map_err(|e| invalid("OCI spec", e))?;
+    let Some(mut process) = spec.process().clone() else {
+        return Err(invalid("OCI spec", "it has no process"));
+    };
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(invalid("OCI spec", "process.args is empty"));
+    }
+    process.set_terminal(Some(terminal));
+    spec.set_process(Some(process));
+    Ok(spec)
+}
+
+/// Parses an exec's OCI process (JSON).
+pub fn parse_process(json: &[u8], terminal: bool) -> Result<OciProcess> {
+    let mut process: OciProcess =
+        serde_json::from_slice(json).map_err(|e| invalid("OCI process", e))?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(invalid("OCI process", "args is empty"));
+    }
+    process.set_terminal(Some(terminal));
+    Ok(process)
+}
+
+/// Parses OCI linux resources (JSON).
+pub fn parse_resources(json: &[u8]) -> Result<LinuxResources> {
+    serde_json::from_slice(json).map_err(|e| invalid("OCI resources", e))
+}
+
 fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| invalid(what, format!("{s:?} contains a NUL byte")))
 }
@@ -412,16 +443,7 @@ impl Engine {
         terminal: bool,
         mounted: &mut Vec<PathBuf>,
     ) -> Result<Container> {
-        let mut spec: Spec =
-            serde_json::from_slice(spec_json).map_err(|e| invalid("OCI spec", e))?;
-        let Some(mut process) = spec.process().clone() else {
-            return Err(invalid("OCI spec", "it has no process"));
-        };
-        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-            return Err(invalid("OCI spec", "process.args is empty"));
-        }
-        process.set_terminal(Some(terminal));
-        spec.set_process(Some(process));
+        let mut spec = parse_spec(spec_json, terminal)?;
 
         std::fs::create_dir_all(bundle).map_err(io_err(format!("create {}", bundle.display())))?;
         match rootfs.filter(|r| !r.source.is_empty()) {
@@ -794,12 +816,7 @@ impl Engine {
     ) -> Result<()> {
         check_id("exec ID", exec_id)?;
         let container = self.container(id)?;
-        let mut process: OciProcess =
-            serde_json::from_slice(process_json).map_err(|e| invalid("OCI process", e))?;
-        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-            return Err(invalid("OCI process", "args is empty"));
-        }
-        process.set_terminal(Some(terminal));
+        let process = parse_process(process_json, terminal)?;
         {
             let mut execs = container
                 .execs
@@ -1035,8 +1052,7 @@ impl Engine {
 
     /// Applies new resource limits to a container's cgroup.
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
-        let resources: LinuxResources =
-            serde_json::from_slice(resources_json).map_err(|e| invalid("OCI resources", e))?;
+        let resources = parse_resources(resources_json)?;
         let container = self.container(id)?;
         let _ops = container.ops.lock().await;
         let manager = self.cgroup(&container)?;

@@ -64,7 +64,7 @@ impl From<GuestError> for ttrpc::Error {
 
 /// Refuses a message carrying fields this agent does not know: a newer
 /// shim asking for something this agent would silently ignore.
-fn known_fields(method: &str, message: &dyn protobuf::MessageDyn) -> ttrpc::Result<()> {
+pub fn known_fields(method: &str, message: &dyn protobuf::MessageDyn) -> ttrpc::Result<()> {
     let unknown: Vec<u32> = message
         .special_fields_dyn()
         .unknown_fields()

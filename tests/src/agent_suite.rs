@@ -817,6 +817,71 @@ impl Suite {
         Ok(())
     }
 
+    async fn agent_mounts(&self) -> CaseResult {
+        // A volume the agent mounts before the container (as the shim does
+        // for storage it attached), bind-mounted into the container by the
+        // spec, and unmounted when the container is removed.
+        let id = self.id("volume");
+        let volume = format!("{}/volumes/{id}", self.target.state_dir);
+        let mut s = spec(&[
+            "sh",
+            "-c",
+            "echo data > /vol/file && cat /vol/file && grep -c ' /vol ' /proc/mounts",
+        ]);
+        s["mounts"]
+            .as_array_mut()
+            .ok_or("spec mounts")?
+            .push(json!({
+                "destination": "/vol", "type": "bind", "source": volume, "options": ["rbind", "rw"]
+            }));
+        let create = self
+            .client
+            .create_container(
+                ctx(),
+                &CreateContainerRequest {
+                    container_id: id.clone(),
+                    oci_spec_json: s.to_string().into_bytes(),
+                    rootfs: Some(self.rootfs()).into(),
+                    mounts: vec![Mount {
+                        source: "tmpfs".into(),
+                        destination: volume.clone(),
+                        fstype: "tmpfs".into(),
+                        options: vec!["size=1m".into(), "mode=0755".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )
+            .await;
+        check("create with a volume", create)?;
+        check("start", self.start(&id).await)?;
+        let done = self.finish(&id, "").await?;
+        check("remove", self.remove(&id).await)?;
+        ensure(done.stdout == "data\n1\n", || format!("volume: {done:?}"))?;
+        expect_error(
+            "a relative mount destination",
+            self.client
+                .create_container(
+                    ctx(),
+                    &CreateContainerRequest {
+                        container_id: self.id("relvol"),
+                        oci_spec_json: spec(&["true"]).to_string().into_bytes(),
+                        rootfs: Some(self.rootfs()).into(),
+                        mounts: vec![Mount {
+                            source: "tmpfs".into(),
+                            destination: "volumes/x".into(),
+                            fstype: "tmpfs".into(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    },
+                )
+                .await,
+            Code::INVALID_ARGUMENT,
+            "volumes/x",
+        )
+    }
+
     async fn device_rules(&self) -> CaseResult {
         // With CAP_MKNOD a container can make any device node; the device
         // cgroup (an eBPF program on v2) decides which it may open.
@@ -1415,6 +1480,7 @@ impl Suite {
             ("tty_exec_resize", Box::pin(self.tty_exec_resize())),
             ("tty_init", Box::pin(self.tty_init())),
             ("spec_features", Box::pin(self.spec_features())),
+            ("agent_mounts", Box::pin(self.agent_mounts())),
             ("device_rules", Box::pin(self.device_rules())),
             ("pause_and_resume", Box::pin(self.pause_and_resume())),
             ("stats_and_update", Box::pin(self.stats_and_update())),
