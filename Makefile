@@ -10,7 +10,7 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 # scripts install their own too, so each also works on its own.
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps \
-	libseccomp-dev zlib1g-dev pkg-config
+	libseccomp-dev zlib1g-dev pkg-config runc
 
 AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 # The same plus a busybox root filesystem at /busybox, for the agent's
@@ -19,7 +19,7 @@ AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
-	harness-test test-tools kvm-test bench-boot bench-devices
+	harness-test test-tools kvm-test bench-boot bench-devices bench-agent
 
 ## demo: build everything, boot a microVM, show what the guest sees.
 demo: deps kernel build-release initramfs
@@ -105,3 +105,8 @@ bench-devices: deps kernel build-release test-tools
 		--vmm $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--initramfs $(TARGET_DIR)/moat-guest/bench-initramfs.cpio --runs $${RUNS:-3}
+
+## bench-agent: moat-agent's container lifecycle against runc on this
+## host (create, start, exit, delete of `true`), as a ratio.
+bench-agent: deps build-release
+	$(TARGET_DIR)/release/bench-agent $(TARGET_DIR)/release/moat-agent $${RUNS:-30}

@@ -5,29 +5,10 @@
 //!
 //! Needs root; without it the test fails, it does not skip.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_tests::agent_suite::{Connector, Suite, Target};
-
-/// A busybox root filesystem: the static binary and a link per applet.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let rootfs = dir.join("rootfs");
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "data"] {
-        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
-    }
-    std::fs::write(rootfs.join("etc/resolv.conf"), "").unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-        .expect("/bin/busybox (Debian's busybox-static, installed by make deps)");
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-        }
-    }
-    rootfs
-}
+use moat_tests::agent_suite::{busybox_rootfs, Connector, Suite, Target};
 
 /// PIDs whose parent is `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
@@ -61,7 +42,7 @@ async fn the_client_suite_passes_against_the_agent_on_the_host() {
     let dir = std::env::temp_dir().join(format!("moat-agent-host-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let rootfs = busybox_rootfs(&dir);
+    let rootfs = busybox_rootfs(&dir).expect("busybox rootfs from /bin/busybox (busybox-static)");
     let state = dir.join("state");
     let socket = dir.join("agent.sock");
     let cgroup_parent = format!("/moat-test-{}", std::process::id());

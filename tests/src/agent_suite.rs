@@ -19,6 +19,27 @@ use protobuf::Message;
 use serde_json::{json, Value};
 use ttrpc::Code;
 
+/// Makes a busybox root filesystem in `dir/rootfs` (the static binary
+/// from Debian's busybox-static and a link per applet) and returns it.
+pub fn busybox_rootfs(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    let rootfs = dir.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "data"] {
+        std::fs::create_dir_all(rootfs.join(sub))?;
+    }
+    std::fs::write(rootfs.join("etc/resolv.conf"), "")?;
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let link = rootfs.join("bin").join(applet);
+        if applet != "busybox" && !link.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
+    Ok(rootfs)
+}
+
 /// How to reach the agent.
 #[derive(Debug, Clone)]
 pub enum Connector {
