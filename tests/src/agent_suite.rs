@@ -1400,6 +1400,130 @@ impl Suite {
         Ok(())
     }
 
+    /// The failure paths of the calls `bad_input` does not reach.
+    async fn failure_paths(&self) -> CaseResult {
+        let ghost = self.id("ghost2");
+        let c = &self.client;
+        let pause = PauseContainerRequest {
+            container_id: ghost.clone(),
+            ..Default::default()
+        };
+        expect_error(
+            "pause unknown",
+            c.pause_container(ctx(), &pause).await,
+            Code::NOT_FOUND,
+            &ghost,
+        )?;
+        let resume = ResumeContainerRequest {
+            container_id: ghost.clone(),
+            ..Default::default()
+        };
+        expect_error(
+            "resume unknown",
+            c.resume_container(ctx(), &resume).await,
+            Code::NOT_FOUND,
+            &ghost,
+        )?;
+        let list = ListProcessesRequest {
+            container_id: ghost.clone(),
+            ..Default::default()
+        };
+        expect_error(
+            "list unknown",
+            c.list_processes(ctx(), &list).await,
+            Code::NOT_FOUND,
+            &ghost,
+        )?;
+        let close = CloseStdinRequest {
+            container_id: ghost.clone(),
+            ..Default::default()
+        };
+        expect_error(
+            "close stdin unknown",
+            c.close_stdin(ctx(), &close).await,
+            Code::NOT_FOUND,
+            &ghost,
+        )?;
+        let stream = OutputStreamRequest {
+            container_id: ghost.clone(),
+            ..Default::default()
+        };
+        let outcome = match c.output_stream(ctx(), &stream).await {
+            Ok(mut receiver) => receiver.recv().await.map(|_| Empty::new()),
+            Err(e) => Err(e),
+        };
+        expect_error("output stream of unknown", outcome, Code::NOT_FOUND, &ghost)?;
+        let time = SetGuestDateTimeRequest {
+            seconds: 1,
+            nanos: 2_000_000_000,
+            ..Default::default()
+        };
+        expect_error(
+            "set time with bad nanos",
+            c.set_guest_date_time(ctx(), &time).await,
+            Code::INVALID_ARGUMENT,
+            "2000000000",
+        )?;
+        let routes = UpdateRoutesRequest {
+            routes: vec![Route {
+                destination: "10.215.0.0/16".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        expect_error(
+            "route without gateway or device",
+            c.update_routes(ctx(), &routes).await,
+            Code::INVALID_ARGUMENT,
+            "10.215.0.0/16",
+        )?;
+
+        let id = self.id("states");
+        check("create", self.create(&id, &spec(&["cat"]), false).await)?;
+        let resume = ResumeContainerRequest {
+            container_id: id.clone(),
+            ..Default::default()
+        };
+        expect_error(
+            "resume a created container",
+            c.resume_container(ctx(), &resume).await,
+            Code::FAILED_PRECONDITION,
+            &id,
+        )?;
+        check("start", self.start(&id).await)?;
+        let close = CloseStdinRequest {
+            container_id: id.clone(),
+            ..Default::default()
+        };
+        check("close stdin", c.close_stdin(ctx(), &close).await)?;
+        let write = WriteStreamRequest {
+            container_id: id.clone(),
+            data: b"late".to_vec(),
+            ..Default::default()
+        };
+        expect_error(
+            "write after close",
+            c.write_stdin(ctx(), &write).await,
+            Code::FAILED_PRECONDITION,
+            "closed",
+        )?;
+        let read = ReadStreamRequest {
+            container_id: id.clone(),
+            exec_id: "nosuch".into(),
+            max_len: 10,
+            ..Default::default()
+        };
+        expect_error(
+            "read unknown exec",
+            c.read_stdout(ctx(), &read).await,
+            Code::NOT_FOUND,
+            "nosuch",
+        )?;
+        let status = self.wait(&id, "").await?;
+        check("remove", self.remove(&id).await)?;
+        ensure(status == 0, || format!("cat after stdin closed: {status}"))
+    }
+
     /// A 5 MiB frame (over ttrpc's 4 MiB limit) gets an error and the
     /// agent keeps serving.
     async fn oversized_message(&self) -> CaseResult {
@@ -1506,6 +1630,7 @@ impl Suite {
             ("pause_and_resume", Box::pin(self.pause_and_resume())),
             ("stats_and_update", Box::pin(self.stats_and_update())),
             ("bad_input", Box::pin(self.bad_input())),
+            ("failure_paths", Box::pin(self.failure_paths())),
             ("network_and_dns", Box::pin(self.guest_network_and_dns())),
             ("many_containers", Box::pin(self.many_containers())),
         ];
