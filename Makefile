@@ -21,12 +21,17 @@ AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 .PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
 	harness-test test-tools kvm-test bench-boot bench-devices bench-agent
 
-## demo: build everything, boot a microVM, show what the guest sees.
-demo: deps kernel build-release initramfs
+## demo: build everything, boot a pod microVM and run a container in it
+## through the guest agent (and show what a plain test guest sees).
+demo: deps kernel build-release initramfs guest test-tools
 	@echo "== moat demo: moat-vmm boots the guest kernel with 2 vCPUs, 256 MiB and virtio-rng =="
 	$(KVM_RUN) -- $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--initramfs $(TEST_INITRAMFS) --vcpus 2 --memory 256 --rng --append quiet
+	@echo "== moat demo: a pod VM whose /init is moat-agent runs a container =="
+	$(KVM_RUN) -- tests/harness/demo-container $(TARGET_DIR)/release/moat-vmm \
+		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_TEST_INITRAMFS) \
+		$(TARGET_DIR)/release/agent-check $(TARGET_DIR)/release/agent-run
 
 ## test: lint, unit tests, the harness self-test and the KVM tests.
 test: deps kernel lint unit-test harness-test kvm-test
