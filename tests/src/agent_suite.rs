@@ -903,6 +903,79 @@ impl Suite {
         )
     }
 
+    async fn pod_shares_namespaces(&self) -> CaseResult {
+        // A pod's containers join the first one's network, IPC and UTS
+        // namespaces by path, as CRI asks for the sandbox's.
+        let sandbox = self.id("sandbox");
+        check(
+            "create",
+            self.create(&sandbox, &spec(&["sleep", "1000"]), false)
+                .await,
+        )?;
+        check("start", self.start(&sandbox).await)?;
+        let listed = check(
+            "list processes",
+            self.client
+                .list_processes(
+                    ctx(),
+                    &ListProcessesRequest {
+                        container_id: sandbox.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+        )?;
+        let pid = *listed.pids.first().ok_or("the sandbox has no process")?;
+        let show =
+            "for n in net ipc uts pid; do echo $n=$(readlink /proc/self/ns/$n); done; hostname";
+        check(
+            "exec",
+            self.exec(&sandbox, "show", &process(&["sh", "-c", show]), false)
+                .await,
+        )?;
+        let inside = self.finish(&sandbox, "show").await?;
+        let member = self.id("member");
+        let mut s = spec(&["sh", "-c", show]);
+        s["linux"]["namespaces"] = json!([
+            {"type": "pid"}, {"type": "mount"}, {"type": "cgroup"},
+            {"type": "network", "path": format!("/proc/{pid}/ns/net")},
+            {"type": "ipc", "path": format!("/proc/{pid}/ns/ipc")},
+            {"type": "uts", "path": format!("/proc/{pid}/ns/uts")}
+        ]);
+        s.as_object_mut().ok_or("spec")?.remove("hostname");
+        let joined = self.run(&member, &s).await;
+        check("remove", self.remove(&sandbox).await)?;
+        let joined = joined?;
+        let line = |out: &str, key: &str| {
+            out.lines()
+                .find(|l| l.starts_with(key))
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        for ns in ["net=", "ipc=", "uts="] {
+            ensure(
+                !line(&inside.stdout, ns).is_empty()
+                    && line(&inside.stdout, ns) == line(&joined.stdout, ns),
+                || {
+                    format!(
+                        "{ns} differs: sandbox {:?}, member {:?}",
+                        inside.stdout, joined.stdout
+                    )
+                },
+            )?;
+        }
+        ensure(
+            line(&inside.stdout, "pid=") != line(&joined.stdout, "pid="),
+            || "the member shares the sandbox's PID namespace without asking".into(),
+        )?;
+        ensure(joined.stdout.trim_end().ends_with("moat-ctr"), || {
+            format!(
+                "the member does not have the sandbox's hostname: {:?}",
+                joined.stdout
+            )
+        })
+    }
+
     async fn device_rules(&self) -> CaseResult {
         // With CAP_MKNOD a container can make any device node; the device
         // cgroup (an eBPF program on v2) decides which it may open.
@@ -1627,6 +1700,10 @@ impl Suite {
             ("spec_features", Box::pin(self.spec_features())),
             ("agent_mounts", Box::pin(self.agent_mounts())),
             ("device_rules", Box::pin(self.device_rules())),
+            (
+                "pod_shares_namespaces",
+                Box::pin(self.pod_shares_namespaces()),
+            ),
             ("pause_and_resume", Box::pin(self.pause_and_resume())),
             ("stats_and_update", Box::pin(self.stats_and_update())),
             ("bad_input", Box::pin(self.bad_input())),
