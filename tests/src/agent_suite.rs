@@ -980,7 +980,8 @@ impl Suite {
         // With CAP_MKNOD a container can make any device node; the device
         // cgroup (an eBPF program on v2) decides which it may open.
         let script = "mknod /dev/kmsg2 c 1 11; head -c 1 /dev/kmsg2 2>&1 | grep -o 'Operation not permitted'; \
-                      mknod /dev/null2 c 1 3; echo x > /dev/null2 && echo null-ok";
+                      mknod /dev/null2 c 1 3; echo x > /dev/null2 && echo null-ok; \
+                      (echo 1 > /proc/sys/kernel/domainname) 2>&1 | grep -o 'Read-only file system'";
         let mut s = spec(&["sh", "-c", script]);
         let caps = json!(["CAP_MKNOD", "CAP_KILL"]);
         s["process"]["capabilities"] =
@@ -989,7 +990,11 @@ impl Suite {
         ensure(
             done.stdout.contains("Operation not permitted") && done.stdout.contains("null-ok"),
             || format!("device rules not applied: {done:?}"),
-        )
+        )?;
+        // readonlyPaths: /proc/sys is read-only even for root.
+        ensure(done.stdout.contains("Read-only file system"), || {
+            format!("/proc/sys was writable: {done:?}")
+        })
     }
 
     async fn pause_and_resume(&self) -> CaseResult {
@@ -1097,7 +1102,8 @@ impl Suite {
         check("start", self.start(&id).await)?;
         self.read_until(&id, "", "spun").await?;
         let stats = self.stats(&id).await?;
-        let forks = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 30 </dev/null >/dev/null 2>&1 & done; \
+        let forks =
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 30 </dev/null >/dev/null 2>&1 & done; \
                      echo pids=$(cat /sys/fs/cgroup/pids.current)";
         check(
             "exec",
