@@ -569,6 +569,7 @@ impl Engine {
             None
         };
         let (report_read, report_write) = stdio::pipe().map_err(io_err("report pipe"))?;
+        let spawned_at = std::time::SystemTime::now();
         let mut cmd = std::process::Command::new(&self.config.agent_exe);
         cmd.arg(command)
             .arg(self.lc_root())
@@ -631,7 +632,12 @@ impl Engine {
         self.reaper.forget(helper_pid);
         let report = read_report(report_read);
         let pid = match report.strip_prefix("ok ").map(|p| p.trim().parse::<i32>()) {
-            Some(Ok(pid)) if pid > 0 => pid,
+            Some(Ok(pid)) if pid > 0 => {
+                // An exit recorded for this PID before the helper ran
+                // belongs to an earlier process that had the same PID.
+                self.reaper.forget_older_than(pid, spawned_at);
+                pid
+            }
             _ => {
                 remove_socket(&console);
                 let message = report
@@ -980,16 +986,9 @@ impl Engine {
             unmount(target);
         }
         let _ = std::fs::remove_dir_all(&container.bundle);
-        self.reaper.forget(init);
-        for process in container
-            .execs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .flatten()
-        {
-            self.reaper.forget(process.pid);
-        }
+        // The exits stay in the reaper's table (until its TTL) so that a
+        // WaitProcess woken just before this removal still finds them; a
+        // later process reusing a PID drops the stale one when registered.
         Ok(())
     }
 

@@ -121,6 +121,15 @@ impl Reaper {
         tokio::time::timeout(timeout, self.wait(pid)).await.ok()
     }
 
+    /// Drops the exit of `pid` if it was recorded before `when`: it
+    /// belongs to an earlier process with the same PID.
+    pub fn forget_older_than(&self, pid: i32, when: SystemTime) {
+        let mut exits = self.exits.lock().unwrap_or_else(PoisonError::into_inner);
+        if exits.get(&pid).is_some_and(|exit| exit.at < when) {
+            exits.remove(&pid);
+        }
+    }
+
     /// Drops the exit of `pid` once nobody will ask for it again.
     pub fn forget(&self, pid: i32) {
         self.exits
@@ -145,6 +154,27 @@ pub fn decode_status(raw: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_pid_drops_only_the_stale_exit() {
+        let reaper = Reaper::default();
+        reaper.record(4242, 1);
+        let after_first = SystemTime::now() + Duration::from_millis(1);
+        reaper.forget_older_than(4242, after_first);
+        assert_eq!(
+            reaper.exit_of(4242),
+            None,
+            "the earlier process's exit is stale"
+        );
+        let before_second = SystemTime::now() - Duration::from_secs(1);
+        reaper.record(4242, 7);
+        reaper.forget_older_than(4242, before_second);
+        assert_eq!(
+            reaper.exit_of(4242).map(|e| e.status),
+            Some(7),
+            "a fresh exit stays"
+        );
+    }
 
     #[test]
     fn statuses_follow_the_shell_convention() {
