@@ -17,6 +17,8 @@ use crate::guest::{self, GuestError};
 
 /// The most an OutputStream message carries.
 const STREAM_CHUNK: usize = 256 * 1024;
+/// How long an OutputStream stays silent before a keep-alive.
+const STREAM_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The agent's service state.
 #[derive(Debug)]
@@ -301,13 +303,23 @@ impl AgentService for Agent {
     ) -> ttrpc::Result<()> {
         known_fields("OutputStream", &req)?;
         loop {
-            let data = self
+            let read = self
                 .engine
-                .read(&req.container_id, &req.exec_id, req.stderr, STREAM_CHUNK)
-                .await?;
-            if data.is_empty() {
-                return Ok(());
-            }
+                .read(&req.container_id, &req.exec_id, req.stderr, STREAM_CHUNK);
+            // ttrpc does not cancel a stream handler whose client went
+            // away. While the process is silent, an empty keep-alive
+            // message finds that out (its send fails). Reads are
+            // cancel-safe: no data is taken until the read returns.
+            let data = match tokio::time::timeout(STREAM_KEEPALIVE, read).await {
+                Err(_silent) => Vec::new(),
+                Ok(data) => {
+                    let data = data?;
+                    if data.is_empty() {
+                        return Ok(());
+                    }
+                    data
+                }
+            };
             // A client that went away ends the stream here; the process
             // and its other streams are untouched.
             sender
