@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use moat_protocol::agent::*;
 use moat_protocol::agent_ttrpc::AgentService;
 use moat_protocol::API_VERSION;
-use ttrpc::r#async::{ServerStreamReceiver, ServerStreamSender, TtrpcContext};
+use ttrpc::r#async::{ServerStreamSender, TtrpcContext};
 use ttrpc::Code;
 
 use crate::engine::{Engine, EngineError, MountRequest};
@@ -329,40 +329,6 @@ impl AgentService for Agent {
                 })
                 .await?;
         }
-    }
-
-    async fn input_stream(
-        &self,
-        _ctx: &TtrpcContext,
-        mut receiver: ServerStreamReceiver<WriteStreamRequest>,
-    ) -> ttrpc::Result<WriteStreamResponse> {
-        let mut total: u64 = 0;
-        let mut process: Option<(String, String)> = None;
-        while let Some(req) = receiver.recv().await? {
-            known_fields("InputStream", &req)?;
-            let (container_id, exec_id) =
-                process.get_or_insert_with(|| (req.container_id.clone(), req.exec_id.clone()));
-            if req.container_id != *container_id || req.exec_id != *exec_id {
-                return Err(status(
-                    Code::INVALID_ARGUMENT,
-                    format!(
-                        "InputStream: started for {container_id:?}/{exec_id:?}, then got {:?}/{:?}",
-                        req.container_id, req.exec_id
-                    ),
-                ));
-            }
-            total += self
-                .engine
-                .write_stdin(container_id, exec_id, &req.data)
-                .await? as u64;
-        }
-        if let Some((container_id, exec_id)) = process {
-            self.engine.close_stdin(&container_id, &exec_id).await?;
-        }
-        Ok(WriteStreamResponse {
-            len: u32::try_from(total).unwrap_or(u32::MAX),
-            ..Default::default()
-        })
     }
 
     async fn tty_win_resize(

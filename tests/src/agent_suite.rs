@@ -530,26 +530,43 @@ impl Suite {
             "open stderr stream",
             self.client.output_stream(ctx(), &stderr_req).await,
         )?;
-        let mut input = check("open stdin stream", self.client.input_stream(ctx()).await)?;
-        // 1 MiB of numbered lines, in 64 KiB messages.
+        // 1 MiB of numbered lines, in 64 KiB writes (WriteStdin calls are
+        // ordered; a ttrpc client stream is not, see agent.proto).
         let payload: Vec<u8> = (0..1_000_000u32)
             .flat_map(|i| format!("{i}\n").into_bytes())
             .take(1 << 20)
             .collect();
         let sender = async {
+            let mut sent = 0usize;
             for chunk in payload.chunks(64 * 1024) {
-                check(
-                    "send stdin",
-                    input
-                        .send(&WriteStreamRequest {
-                            container_id: id.clone(),
-                            data: chunk.to_vec(),
-                            ..Default::default()
-                        })
+                let wrote = check(
+                    "write stdin",
+                    self.client
+                        .write_stdin(
+                            ctx(),
+                            &WriteStreamRequest {
+                                container_id: id.clone(),
+                                data: chunk.to_vec(),
+                                ..Default::default()
+                            },
+                        )
                         .await,
                 )?;
+                sent += wrote.len as usize;
             }
-            check("close stdin stream", input.close_and_recv().await)
+            check(
+                "close stdin",
+                self.client
+                    .close_stdin(
+                        ctx(),
+                        &CloseStdinRequest {
+                            container_id: id.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await,
+            )?;
+            Ok::<_, String>(sent)
         };
         let drain = |mut stream: ttrpc::r#async::ClientStreamReceiver<ReadStreamResponse>| async move {
             let mut out = Vec::new();
@@ -563,12 +580,15 @@ impl Suite {
         let (out, err) = (out?, err?);
         let status = self.wait(&id, "").await?;
         check("remove", self.remove(&id).await)?;
-        ensure(sent.len as usize == payload.len(), || {
-            format!("agent took {} bytes", sent.len)
-        })?;
+        ensure(sent == payload.len(), || format!("agent took {sent} bytes"))?;
         ensure(out == payload, || {
+            let at = out
+                .iter()
+                .zip(&payload)
+                .position(|(a, b)| a != b)
+                .unwrap_or(out.len().min(payload.len()));
             format!(
-                "stdout stream gave {} bytes, not the {} sent",
+                "stdout stream gave {} bytes, not the {} sent; they differ from byte {at}",
                 out.len(),
                 payload.len()
             )
