@@ -323,19 +323,7 @@ impl Suite {
     }
 
     async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, String> {
-        let resp = check(
-            "wait",
-            self.client
-                .wait_process(
-                    ctx(),
-                    &WaitProcessRequest {
-                        container_id: id.into(),
-                        exec_id: exec_id.into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
+        let resp = check("wait", self.wait_process(id, exec_id).await)?;
         Ok(resp.status)
     }
 
@@ -410,18 +398,89 @@ impl Suite {
     }
 
     async fn stats(&self, id: &str) -> Result<StatsContainerResponse, String> {
-        check(
-            "stats",
-            self.client
-                .stats_container(
-                    ctx(),
-                    &StatsContainerRequest {
-                        container_id: id.into(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )
+        check("stats", self.stats_raw(id).await)
+    }
+
+    async fn wait_process(&self, id: &str, exec_id: &str) -> ttrpc::Result<WaitProcessResponse> {
+        let req = WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client.wait_process(ctx(), &req).await
+    }
+
+    async fn stats_raw(&self, id: &str) -> ttrpc::Result<StatsContainerResponse> {
+        let req = StatsContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.stats_container(ctx(), &req).await
+    }
+
+    async fn write_stdin(
+        &self,
+        id: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> ttrpc::Result<WriteStreamResponse> {
+        let req = WriteStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        self.client.write_stdin(ctx(), &req).await
+    }
+
+    async fn close_stdin(&self, id: &str, exec_id: &str) -> ttrpc::Result<Empty> {
+        let req = CloseStdinRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client.close_stdin(ctx(), &req).await
+    }
+
+    async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> ttrpc::Result<Empty> {
+        let req = TtyWinResizeRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            columns,
+            ..Default::default()
+        };
+        self.client.tty_win_resize(ctx(), &req).await
+    }
+
+    async fn list(&self, id: &str) -> ttrpc::Result<ListProcessesResponse> {
+        let req = ListProcessesRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.list_processes(ctx(), &req).await
+    }
+
+    async fn pause(&self, id: &str) -> ttrpc::Result<Empty> {
+        let req = PauseContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.pause_container(ctx(), &req).await
+    }
+
+    async fn resume(&self, id: &str) -> ttrpc::Result<Empty> {
+        let req = ResumeContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client.resume_container(ctx(), &req).await
     }
 
     async fn update(&self, id: &str, resources: &Value) -> ttrpc::Result<Empty> {
@@ -476,30 +535,10 @@ impl Suite {
         check("start", self.start(&id).await)?;
         let wrote = check(
             "write stdin",
-            self.client
-                .write_stdin(
-                    ctx(),
-                    &WriteStreamRequest {
-                        container_id: id.clone(),
-                        data: b"hello through stdin\n".to_vec(),
-                        ..Default::default()
-                    },
-                )
-                .await,
+            self.write_stdin(&id, "", b"hello through stdin\n").await,
         )?;
         ensure(wrote.len == 20, || format!("wrote {}", wrote.len))?;
-        check(
-            "close stdin",
-            self.client
-                .close_stdin(
-                    ctx(),
-                    &CloseStdinRequest {
-                        container_id: id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
+        check("close stdin", self.close_stdin(&id, "").await)?;
         let done = self.finish(&id, "").await?;
         check("remove", self.remove(&id).await)?;
         ensure(done.stdout == "hello through stdin\n", || {
@@ -539,33 +578,10 @@ impl Suite {
         let sender = async {
             let mut sent = 0usize;
             for chunk in payload.chunks(64 * 1024) {
-                let wrote = check(
-                    "write stdin",
-                    self.client
-                        .write_stdin(
-                            ctx(),
-                            &WriteStreamRequest {
-                                container_id: id.clone(),
-                                data: chunk.to_vec(),
-                                ..Default::default()
-                            },
-                        )
-                        .await,
-                )?;
+                let wrote = check("write stdin", self.write_stdin(&id, "", chunk).await)?;
                 sent += wrote.len as usize;
             }
-            check(
-                "close stdin",
-                self.client
-                    .close_stdin(
-                        ctx(),
-                        &CloseStdinRequest {
-                            container_id: id.clone(),
-                            ..Default::default()
-                        },
-                    )
-                    .await,
-            )?;
+            check("close stdin", self.close_stdin(&id, "").await)?;
             Ok::<_, String>(sent)
         };
         let drain = |mut stream: ttrpc::r#async::ClientStreamReceiver<ReadStreamResponse>| async move {
@@ -685,18 +701,7 @@ impl Suite {
             self.exec(&id, "idle", &process(&["sleep", "1000"]), false)
                 .await,
         )?;
-        let listed = check(
-            "list processes",
-            self.client
-                .list_processes(
-                    ctx(),
-                    &ListProcessesRequest {
-                        container_id: id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
+        let listed = check("list processes", self.list(&id).await)?;
         check("remove", self.remove(&id).await)?;
         let lines: Vec<&str> = done.stdout.lines().collect();
         ensure(done.status == 0, || {
@@ -737,50 +742,13 @@ impl Suite {
         let mut proc = process(&["sh", "-c", "read line; stty size; tty"]);
         proc["terminal"] = json!(true);
         check("exec with a tty", self.exec(&id, "term", &proc, true).await)?;
-        check(
-            "resize",
-            self.client
-                .tty_win_resize(
-                    ctx(),
-                    &TtyWinResizeRequest {
-                        container_id: id.clone(),
-                        exec_id: "term".into(),
-                        rows: 41,
-                        columns: 101,
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
-        check(
-            "write",
-            self.client
-                .write_stdin(
-                    ctx(),
-                    &WriteStreamRequest {
-                        container_id: id.clone(),
-                        exec_id: "term".into(),
-                        data: b"go\n".to_vec(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
+        check("resize", self.resize(&id, "term", 41, 101).await)?;
+        check("write", self.write_stdin(&id, "term", b"go\n").await)?;
         let out = self.read_until(&id, "term", "/dev/pts/").await?;
         let status = self.wait(&id, "term").await?;
         expect_error(
             "resize a process without a terminal",
-            self.client
-                .tty_win_resize(
-                    ctx(),
-                    &TtyWinResizeRequest {
-                        container_id: id.clone(),
-                        rows: 1,
-                        columns: 1,
-                        ..Default::default()
-                    },
-                )
-                .await,
+            self.resize(&id, "", 1, 1).await,
             Code::FAILED_PRECONDITION,
             "no terminal",
         )?;
@@ -933,18 +901,7 @@ impl Suite {
                 .await,
         )?;
         check("start", self.start(&sandbox).await)?;
-        let listed = check(
-            "list processes",
-            self.client
-                .list_processes(
-                    ctx(),
-                    &ListProcessesRequest {
-                        container_id: sandbox.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
+        let listed = check("list processes", self.list(&sandbox).await)?;
         let pid = *listed.pids.first().ok_or("the sandbox has no process")?;
         let show =
             "for n in net ipc uts pid; do echo $n=$(readlink /proc/self/ns/$n); done; hostname";
@@ -1023,17 +980,7 @@ impl Suite {
         check("create", self.create(&id, &s, false).await)?;
         check("start", self.start(&id).await)?;
         check("first output", self.read_once(&id, "", false).await)?;
-        let pause = self
-            .client
-            .pause_container(
-                ctx(),
-                &PauseContainerRequest {
-                    container_id: id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await;
-        check("pause", pause)?;
+        check("pause", self.pause(&id).await)?;
         // Drain what was written before the freeze, then expect silence.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ =
@@ -1042,18 +989,7 @@ impl Suite {
             tokio::time::timeout(Duration::from_millis(700), self.read_once(&id, "", false))
                 .await
                 .is_err();
-        check(
-            "resume",
-            self.client
-                .resume_container(
-                    ctx(),
-                    &ResumeContainerRequest {
-                        container_id: id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await,
-        )?;
+        check("resume", self.resume(&id).await)?;
         let after =
             tokio::time::timeout(Duration::from_secs(5), self.read_once(&id, "", false)).await;
         check("remove", self.remove(&id).await)?;
@@ -1357,29 +1293,13 @@ impl Suite {
         not_found("update unknown", self.update(&ghost, &json!({})).await)?;
         expect_error(
             "wait unknown",
-            self.client
-                .wait_process(
-                    ctx(),
-                    &WaitProcessRequest {
-                        container_id: ghost.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await,
+            self.wait_process(&ghost, "").await,
             Code::NOT_FOUND,
             &ghost,
         )?;
         expect_error(
             "stats unknown",
-            self.client
-                .stats_container(
-                    ctx(),
-                    &StatsContainerRequest {
-                        container_id: ghost.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await,
+            self.stats_raw(&ghost).await,
             Code::NOT_FOUND,
             &ghost,
         )?;
@@ -1503,43 +1423,27 @@ impl Suite {
     async fn failure_paths(&self) -> CaseResult {
         let ghost = self.id("ghost2");
         let c = &self.client;
-        let pause = PauseContainerRequest {
-            container_id: ghost.clone(),
-            ..Default::default()
-        };
         expect_error(
             "pause unknown",
-            c.pause_container(ctx(), &pause).await,
+            self.pause(&ghost).await,
             Code::NOT_FOUND,
             &ghost,
         )?;
-        let resume = ResumeContainerRequest {
-            container_id: ghost.clone(),
-            ..Default::default()
-        };
         expect_error(
             "resume unknown",
-            c.resume_container(ctx(), &resume).await,
+            self.resume(&ghost).await,
             Code::NOT_FOUND,
             &ghost,
         )?;
-        let list = ListProcessesRequest {
-            container_id: ghost.clone(),
-            ..Default::default()
-        };
         expect_error(
             "list unknown",
-            c.list_processes(ctx(), &list).await,
+            self.list(&ghost).await,
             Code::NOT_FOUND,
             &ghost,
         )?;
-        let close = CloseStdinRequest {
-            container_id: ghost.clone(),
-            ..Default::default()
-        };
         expect_error(
             "close stdin unknown",
-            c.close_stdin(ctx(), &close).await,
+            self.close_stdin(&ghost, "").await,
             Code::NOT_FOUND,
             &ghost,
         )?;
@@ -1579,30 +1483,17 @@ impl Suite {
 
         let id = self.id("states");
         check("create", self.create(&id, &spec(&["cat"]), false).await)?;
-        let resume = ResumeContainerRequest {
-            container_id: id.clone(),
-            ..Default::default()
-        };
         expect_error(
             "resume a created container",
-            c.resume_container(ctx(), &resume).await,
+            self.resume(&id).await,
             Code::FAILED_PRECONDITION,
             &id,
         )?;
         check("start", self.start(&id).await)?;
-        let close = CloseStdinRequest {
-            container_id: id.clone(),
-            ..Default::default()
-        };
-        check("close stdin", c.close_stdin(ctx(), &close).await)?;
-        let write = WriteStreamRequest {
-            container_id: id.clone(),
-            data: b"late".to_vec(),
-            ..Default::default()
-        };
+        check("close stdin", self.close_stdin(&id, "").await)?;
         expect_error(
             "write after close",
-            c.write_stdin(ctx(), &write).await,
+            self.write_stdin(&id, "", b"late").await,
             Code::FAILED_PRECONDITION,
             "closed",
         )?;
