@@ -21,9 +21,10 @@ use libcgroups::common::{
     create_cgroup_manager, get_cgroup_setup, CgroupConfig, CgroupManager, CgroupSetup,
     ControllerOpt,
 };
-use libcontainer::container::{Container as LcContainer, ContainerStatus};
+use libcontainer::container::Container as LcContainer;
 use libcontainer::oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use libcontainer::signal::Signal;
+use nix::sys::signal::Signal as NixSignal;
 
 use crate::helper;
 use crate::oom::OomWatcher;
@@ -129,6 +130,21 @@ pub struct Process {
     pub pid: i32,
     /// The agent's ends of its stdio.
     pub stdio: Stdio,
+}
+
+/// The agent's side of a new process's stdio while the helper runs.
+enum PendingStdio {
+    /// The socket the init sends its terminal's master to.
+    Console {
+        socket: PathBuf,
+        listener: std::os::unix::net::UnixListener,
+    },
+    /// The agent's ends of three pipes.
+    Pipes {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
 }
 
 #[derive(Debug)]
@@ -510,8 +526,7 @@ impl Engine {
             .run_helper(helper::CREATE, id, bundle, terminal)
             .await?;
         if self.cgroup_v2 {
-            let dir = Path::new("/sys/fs/cgroup")
-                .join(cgroup_path.strip_prefix("/").unwrap_or(&cgroup_path));
+            let dir = cgroup_v2_dir(&cgroup_path);
             self.oom
                 .watch(id, &dir)
                 .map_err(io_err(format!("watch {} for OOM kills", dir.display())))?;
@@ -554,43 +569,39 @@ impl Engine {
         path: &Path,
         terminal: bool,
     ) -> Result<(i32, Stdio)> {
-        let console = if terminal {
+        let (report_read, report_write) = stdio::pipe().map_err(io_err("report pipe"))?;
+        let spawned_at = std::time::SystemTime::now();
+        let mut cmd = std::process::Command::new(&self.config.agent_exe);
+        cmd.arg(command).arg(self.lc_root()).arg(id).arg(path);
+        let pending = if terminal {
             let socket = self.config.state_dir.join("consoles").join(format!(
                 "{id}-{}.sock",
-                std::time::SystemTime::now()
+                spawned_at
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_nanos()
             ));
             let listener = std::os::unix::net::UnixListener::bind(&socket)
                 .map_err(io_err(format!("console socket {}", socket.display())))?;
-            Some((socket, listener))
-        } else {
-            None
-        };
-        let (report_read, report_write) = stdio::pipe().map_err(io_err("report pipe"))?;
-        let spawned_at = std::time::SystemTime::now();
-        let mut cmd = std::process::Command::new(&self.config.agent_exe);
-        cmd.arg(command)
-            .arg(self.lc_root())
-            .arg(id)
-            .arg(path)
-            .arg(match &console {
-                Some((socket, _)) => socket.as_os_str(),
-                None => std::ffi::OsStr::new("-"),
-            });
-        let mut ours = None;
-        if terminal {
-            cmd.stdin(std::process::Stdio::null())
+            cmd.arg(&socket)
+                .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
+            PendingStdio::Console { socket, listener }
         } else {
-            let (stdin_r, stdin_w) = stdio::pipe().map_err(io_err("stdin pipe"))?;
-            let (stdout_r, stdout_w) = stdio::pipe().map_err(io_err("stdout pipe"))?;
-            let (stderr_r, stderr_w) = stdio::pipe().map_err(io_err("stderr pipe"))?;
-            cmd.stdin(stdin_r).stdout(stdout_w).stderr(stderr_w);
-            ours = Some((stdin_w, stdout_r, stderr_r));
-        }
+            let (stdin_r, stdin) = stdio::pipe().map_err(io_err("stdin pipe"))?;
+            let (stdout, stdout_w) = stdio::pipe().map_err(io_err("stdout pipe"))?;
+            let (stderr, stderr_w) = stdio::pipe().map_err(io_err("stderr pipe"))?;
+            cmd.arg("-")
+                .stdin(stdin_r)
+                .stdout(stdout_w)
+                .stderr(stderr_w);
+            PendingStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            }
+        };
         let report_fd = report_write.as_raw_fd();
         // SAFETY: the closure only calls async-signal-safe dup2/fcntl.
         unsafe {
@@ -616,15 +627,14 @@ impl Engine {
         let helper_pid = child.id() as i32;
         drop(child);
         let exit = self.reaper.wait_timeout(helper_pid, HELPER_TIMEOUT).await;
-        let remove_socket = |console: &Option<(PathBuf, _)>| {
-            if let Some((socket, _)) = console {
-                let _ = std::fs::remove_file(socket);
-            }
-        };
+        // A terminal sent by now waits in the listener's backlog; the path
+        // is no longer needed, whatever the outcome.
+        if let PendingStdio::Console { socket, .. } = &pending {
+            let _ = std::fs::remove_file(socket);
+        }
         let Some(exit) = exit else {
             // SAFETY: signalling a child we spawned and have not reaped.
             unsafe { libc::kill(helper_pid, libc::SIGKILL) };
-            remove_socket(&console);
             return Err(EngineError::Runtime(format!(
                 "{command} {id:?}: the helper did not finish within {HELPER_TIMEOUT:?}"
             )));
@@ -639,7 +649,6 @@ impl Engine {
                 pid
             }
             _ => {
-                remove_socket(&console);
                 let message = report
                     .strip_prefix("error ")
                     .map(|m| m.trim().to_string())
@@ -649,9 +658,8 @@ impl Engine {
                 return Err(EngineError::Runtime(message));
             }
         };
-        let stdio = match (console, ours) {
-            (Some((socket, listener)), _) => {
-                let _ = std::fs::remove_file(&socket);
+        let stdio = match pending {
+            PendingStdio::Console { listener, .. } => {
                 listener
                     .set_nonblocking(true)
                     .map_err(io_err("console socket"))?;
@@ -666,33 +674,25 @@ impl Engine {
                     master: Stream::new(master).map_err(io_err("terminal"))?,
                 }
             }
-            (None, Some((stdin_w, stdout_r, stderr_r))) => Stdio::Pipes {
-                stdin: Mutex::new(Some(Stream::new(stdin_w).map_err(io_err("stdin"))?)),
-                stdout: Stream::new(stdout_r).map_err(io_err("stdout"))?,
-                stderr: Stream::new(stderr_r).map_err(io_err("stderr"))?,
+            PendingStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => Stdio::Pipes {
+                stdin: Mutex::new(Some(Stream::new(stdin).map_err(io_err("stdin"))?)),
+                stdout: Stream::new(stdout).map_err(io_err("stdout"))?,
+                stderr: Stream::new(stderr).map_err(io_err("stderr"))?,
             },
-            (None, None) => unreachable!("pipes are made whenever there is no terminal"),
         };
         Ok((pid, stdio))
     }
 
     /// Starts a created container's init.
     pub async fn start(&self, id: &str) -> Result<()> {
-        let container = self.container(id)?;
-        let _ops = container.ops.lock().await;
-        let state = self.lc_root().join(id);
-        let what = format!("start container {id:?}");
-        blocking(move || {
-            let mut lc = LcContainer::load(state).map_err(lc_error(what.clone()))?;
-            if lc.status() != ContainerStatus::Created {
-                return Err(EngineError::Precondition(format!(
-                    "{what}: the container is {}",
-                    lc.status()
-                )));
-            }
-            lc.start().map_err(lc_error(what))
-        })
-        .await
+        // libcontainer refuses (IncorrectStatus) anything but a created
+        // container.
+        self.lc_op(id, format!("start container {id:?}"), |lc| lc.start())
+            .await
     }
 
     /// Sends `signal` to a process, or with `all` to every process of the
@@ -700,25 +700,17 @@ impl Engine {
     pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let signal = i32::try_from(signal)
             .ok()
-            .filter(|s| Signal::try_from(*s).is_ok())
+            .and_then(|s| NixSignal::try_from(s).ok())
             .ok_or_else(|| invalid("signal", format!("{signal} is not a signal number")))?;
         let process = self.process(id, exec_id)?;
         if all && exec_id.is_empty() {
-            let container = self.container(id)?;
-            let _ops = container.ops.lock().await;
-            let state = self.lc_root().join(id);
-            let what = format!("signal {signal} to every process of {id:?}");
-            return blocking(move || {
-                LcContainer::load(state)
-                    .map_err(lc_error(what.clone()))?
-                    .kill(
-                        Signal::try_from(signal)
-                            .map_err(|e| EngineError::Runtime(e.to_string()))?,
-                        true,
-                    )
-                    .map_err(lc_error(what))
-            })
-            .await;
+            return self
+                .lc_op(
+                    id,
+                    format!("signal {signal} to every process of {id:?}"),
+                    move |lc| lc.kill(Signal::from(signal), true),
+                )
+                .await;
         }
         if self.reaper.exit_of(process.pid).is_some() {
             return Err(EngineError::Precondition(format!(
@@ -727,7 +719,7 @@ impl Engine {
         }
         // SAFETY: kill(2) with a PID this agent has not reaped yet, so it
         // cannot have been reused.
-        if unsafe { libc::kill(process.pid, signal) } != 0 {
+        if unsafe { libc::kill(process.pid, signal as i32) } != 0 {
             return Err(io_err(format!(
                 "signal {signal} to process {exec_id:?} of {id:?} (PID {})",
                 process.pid
@@ -882,18 +874,20 @@ impl Engine {
 
     /// Freezes every process of a container.
     pub async fn pause(&self, id: &str) -> Result<()> {
-        self.lc_op(id, "pause", |lc| lc.pause()).await
+        self.lc_op(id, format!("pause container {id:?}"), |lc| lc.pause())
+            .await
     }
 
     /// Thaws a paused container.
     pub async fn resume(&self, id: &str) -> Result<()> {
-        self.lc_op(id, "resume", |lc| lc.resume()).await
+        self.lc_op(id, format!("resume container {id:?}"), |lc| lc.resume())
+            .await
     }
 
     async fn lc_op(
         &self,
         id: &str,
-        verb: &'static str,
+        what: String,
         op: impl FnOnce(
                 &mut LcContainer,
             ) -> std::result::Result<(), libcontainer::error::LibcontainerError>
@@ -903,7 +897,6 @@ impl Engine {
         let container = self.container(id)?;
         let _ops = container.ops.lock().await;
         let state = self.lc_root().join(id);
-        let what = format!("{verb} container {id:?}");
         blocking(move || {
             let mut lc = LcContainer::load(state).map_err(lc_error(what.clone()))?;
             op(&mut lc).map_err(lc_error(what))
@@ -947,14 +940,12 @@ impl Engine {
         let id = container.id.clone();
         let init = container.init.pid;
         let state = self.lc_root().join(&id);
-        let kill_all = |signal: i32| {
+        let kill_all = |signal: NixSignal| {
             let state = state.clone();
             let what = format!("signal {signal} to every process of {id:?}");
             blocking(move || {
                 let mut lc = LcContainer::load(state).map_err(lc_error(what.clone()))?;
-                let signal =
-                    Signal::try_from(signal).map_err(|e| EngineError::Runtime(e.to_string()))?;
-                match lc.kill(signal, true) {
+                match lc.kill(Signal::from(signal), true) {
                     Ok(()) | Err(libcontainer::error::LibcontainerError::IncorrectStatus(_)) => {
                         Ok(())
                     }
@@ -963,11 +954,11 @@ impl Engine {
             })
         };
         if self.reaper.exit_of(init).is_none() && !timeout.is_zero() {
-            kill_all(libc::SIGTERM).await?;
+            kill_all(NixSignal::SIGTERM).await?;
             self.reaper.wait_timeout(init, timeout).await;
         }
         if self.reaper.exit_of(init).is_none() {
-            kill_all(libc::SIGKILL).await?;
+            kill_all(NixSignal::SIGKILL).await?;
             if self.reaper.wait_timeout(init, KILL_TIMEOUT).await.is_none() {
                 return Err(EngineError::Runtime(format!(
                     "remove container {id:?}: init (PID {init}) did not exit within {KILL_TIMEOUT:?} of SIGKILL"
@@ -1027,12 +1018,7 @@ impl Engine {
         if self.cgroup_v2 {
             // Read the files directly: libcgroups' v2 stats also insist on
             // PSI and hugetlb files a small guest kernel may not have.
-            let dir = Path::new("/sys/fs/cgroup").join(
-                container
-                    .cgroup_path
-                    .strip_prefix("/")
-                    .unwrap_or(&container.cgroup_path),
-            );
+            let dir = cgroup_v2_dir(&container.cgroup_path);
             return blocking(move || {
                 ContainerStats::from_cgroup_v2(&dir)
                     .map_err(io_err(format!("{what}: read {}", dir.display())))
@@ -1073,11 +1059,11 @@ impl Engine {
     pub async fn next_oom(&self) -> Option<String> {
         self.oom.next().await
     }
+}
 
-    /// The IDs of the containers.
-    pub fn ids(&self) -> Vec<String> {
-        self.containers().keys().cloned().collect()
-    }
+/// The directory of a cgroup v2 path (`/moat/ID`) in the mounted hierarchy.
+fn cgroup_v2_dir(cgroup_path: &Path) -> PathBuf {
+    Path::new("/sys/fs/cgroup").join(cgroup_path.strip_prefix("/").unwrap_or(cgroup_path))
 }
 
 fn read_report(fd: OwnedFd) -> String {
@@ -1179,7 +1165,7 @@ impl ContainerStats {
             memory_max: limit(&read("memory.max")),
             memory_anon: keyed(&memory, "anon"),
             memory_file: keyed(&memory, "file"),
-            oom_kills: keyed(&read("memory.events"), "oom_kill"),
+            oom_kills: crate::oom::oom_kills(&dir.join("memory.events")),
             pids_current: limit(&read("pids.current")),
             pids_max: limit(&read("pids.max")),
             io_read_bytes: io_sum("rbytes"),

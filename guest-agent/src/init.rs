@@ -88,26 +88,11 @@ const MOUNTS: [(&str, &str, libc::c_ulong, &str); 7] = [
 pub fn mount_early_filesystems() -> Result<(), InitError> {
     for (fstype, target, flags, data) in MOUNTS {
         let _ = std::fs::create_dir_all(target);
-        let c = |s: &str| CString::new(s).unwrap_or_default();
-        let (source, fs, dir, data) = (c(fstype), c(fstype), c(target), c(data));
-        // SAFETY: every pointer is a valid NUL-terminated string that
-        // outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                source.as_ptr(),
-                dir.as_ptr(),
-                fs.as_ptr(),
-                flags,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return Err(InitError::Mount {
-                fstype,
-                target,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        mount_one(fstype, target, flags, data).map_err(|source| InitError::Mount {
+            fstype,
+            target,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -225,6 +210,8 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()
     }
 }
 
+/// Mounts a pseudo filesystem whose source names its type (`proc`,
+/// `tmpfs`…), or, with MS_MOVE, moves the mount at `source`.
 fn mount_one(source: &str, target: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let (source_c, target_c, data_c) = (c(source), c(target), c(data));

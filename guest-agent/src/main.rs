@@ -26,14 +26,19 @@ struct Options {
     cgroup_parent: String,
 }
 
+/// Where the agent keeps its state and puts container cgroups, unless
+/// told otherwise on the host.
+const DEFAULT_STATE_DIR: &str = "/run/moat";
+const DEFAULT_CGROUP_PARENT: &str = "/moat";
+
 const USAGE: &str =
     "usage: moat-agent --listen unix:PATH [--state-dir DIR] [--cgroup-parent /CGROUP]";
 
 fn host_options(args: &[String]) -> Result<Options, String> {
     let mut options = Options {
         address: String::new(),
-        state_dir: PathBuf::from("/run/moat"),
-        cgroup_parent: "/moat".to_string(),
+        state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+        cgroup_parent: DEFAULT_CGROUP_PARENT.to_string(),
     };
     let mut args = args.iter();
     while let Some(flag) = args.next() {
@@ -71,8 +76,8 @@ fn init_guest() -> Result<Options, String> {
     enable_cgroup_controllers().map_err(|e| e.to_string())?;
     Ok(Options {
         address: format!("vsock://-1:{}", settings.vsock_port),
-        state_dir: PathBuf::from("/run/moat"),
-        cgroup_parent: "/moat".to_string(),
+        state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+        cgroup_parent: DEFAULT_CGROUP_PARENT.to_string(),
     })
 }
 
