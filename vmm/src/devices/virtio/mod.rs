@@ -17,12 +17,12 @@ pub mod rng;
 pub mod vsock;
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -57,6 +57,8 @@ pub const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    /// How many times the device raised the IRQ, for state reports.
+    raised: AtomicU64,
 }
 
 impl Interrupt {
@@ -65,6 +67,7 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             irqfd,
+            raised: AtomicU64::new(0),
         }
     }
 
@@ -80,6 +83,7 @@ impl Interrupt {
 
     fn signal(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.raised.fetch_add(1, Ordering::Relaxed);
         // An eventfd counter only fails to add at u64::MAX - 1, which the
         // in-kernel reader never lets it reach.
         let _ = self.irqfd.write(1);
@@ -88,6 +92,11 @@ impl Interrupt {
     /// The interrupt status register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// How many times the IRQ was raised since the VM started.
+    pub fn raised(&self) -> u64 {
+        self.raised.load(Ordering::Relaxed)
     }
 
     /// The driver acknowledges the bits in `bits`.
@@ -159,6 +168,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving the queues and forgets them (driver reset).
     fn reset(&mut self);
+    /// The device's own state beyond its rings (pending work, counters),
+    /// one line, for the VMM's state report; empty by default.
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
 
 /// Serves every available chain of `queue` with `handle`, which returns the
@@ -176,6 +190,60 @@ where
         used = true;
     }
     used
+}
+
+/// Why chains could not be returned to the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum UsedRingError {
+    /// A head index is not below the queue size.
+    #[error("head index {head} is out of range for a queue of {size}")]
+    HeadOutOfRange {
+        /// The head index.
+        head: u16,
+        /// The queue's size.
+        size: u16,
+    },
+    /// The used ring lies outside guest memory.
+    #[error("the used ring at {0:#x} is outside guest memory")]
+    OutsideMemory(u64),
+}
+
+/// Returns the chains `heads` (head index, bytes written) to the driver
+/// all at once: their used elements are written first and the used index
+/// is published once, after them. The buffers of one mergeable frame
+/// must arrive together: a driver polling the ring that saw the index
+/// move past the first buffer only would find the others missing and
+/// drop the frame (Linux counts an rx length error). `add_used` publishes
+/// the index after every element, so it cannot do this.
+pub fn add_used_together(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    heads: &[(u16, u32)],
+) -> Result<(), UsedRingError> {
+    let size = queue.size();
+    if let Some(&(head, _)) = heads.iter().find(|(head, _)| *head >= size) {
+        return Err(UsedRingError::HeadOutOfRange { head, size });
+    }
+    let used = GuestAddress(queue.used_ring());
+    let outside = || UsedRingError::OutsideMemory(used.0);
+    let mut next = queue.next_used();
+    for &(head, len) in heads {
+        // struct virtq_used_elem { le32 id; le32 len; } after flags and idx.
+        let element = used
+            .0
+            .checked_add(4 + u64::from(next % size) * 8)
+            .ok_or_else(outside)?;
+        let bytes = (u64::from(len) << 32 | u64::from(head)).to_le();
+        mem.write_obj(bytes, GuestAddress(element))
+            .map_err(|_| outside())?;
+        next = next.wrapping_add(1);
+    }
+    let index = used.0.checked_add(2).ok_or_else(outside)?;
+    // Release: the elements are visible before the index that covers them.
+    mem.store(u16::to_le(next), GuestAddress(index), Ordering::Release)
+        .map_err(|_| outside())?;
+    queue.set_next_used(next);
+    Ok(())
 }
 
 /// A worker's turn on its queue: `drain` it, then interrupt the driver if
@@ -314,6 +382,30 @@ mod tests {
         assert_eq!(data, [0; 4]);
         read_config_bytes(&config, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn used_elements_are_published_together_and_wrap_around_the_ring() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut queue = Queue::new(4).unwrap();
+        queue.set_used_ring_address(Some(0x2000), None);
+        queue.set_next_used(3);
+        add_used_together(&mut queue, &mem, &[(2, 100), (0, 200), (1, 0)]).unwrap();
+        let elem = |slot: u64| {
+            mem.read_obj::<u64>(GuestAddress(0x2004 + slot * 8))
+                .unwrap()
+        };
+        assert_eq!(elem(3), (100 << 32) | 2, "slot 3: head 2, 100 bytes");
+        assert_eq!(elem(0), 200 << 32, "wrapped to slot 0: head 0, 200 bytes");
+        assert_eq!(elem(1), 1, "slot 1: head 1, 0 bytes");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x2002)).unwrap(), 6);
+        assert_eq!(queue.next_used(), 6);
+        let err = add_used_together(&mut queue, &mem, &[(1, 1), (4, 1)]).unwrap_err();
+        assert!(matches!(
+            err,
+            UsedRingError::HeadOutOfRange { head: 4, size: 4 }
+        ));
+        assert_eq!(queue.next_used(), 6, "nothing published on error");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod tap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
@@ -28,8 +29,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub use tap::{Tap, TapError};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, WorkerThread,
-    VIRTIO_F_VERSION_1,
+    add_used_together, read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    WorkerThread, VIRTIO_F_VERSION_1,
 };
 
 /// The virtio device ID of a network device.
@@ -75,6 +76,51 @@ pub struct Net {
     tap: Arc<Tap>,
     mac: Option<MacAddr>,
     worker: Option<WorkerThread>,
+    state: Arc<NetState>,
+}
+
+/// What the worker last did, published for the VMM's state report: where
+/// the device stands in each ring, whether a frame waits for rx buffers,
+/// and counters of notifications and frames.
+#[derive(Debug, Default)]
+pub struct NetState {
+    rx_next_avail: AtomicU16,
+    rx_next_used: AtomicU16,
+    tx_next_avail: AtomicU16,
+    tx_next_used: AtomicU16,
+    /// Bytes (header included) of the frame waiting for rx buffers; 0: none.
+    rx_waiting: AtomicUsize,
+    watching_tap: AtomicBool,
+    rx_kicks: AtomicU64,
+    tx_kicks: AtomicU64,
+    tap_wakeups: AtomicU64,
+    frames_to_guest: AtomicU64,
+    frames_from_guest: AtomicU64,
+    rx_buffer_shortages: AtomicU64,
+}
+
+impl NetState {
+    fn describe(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "net: rx next avail {} next used {}, tx next avail {} next used {}; \
+             frame waiting for rx buffers: {} bytes; watching tap: {}; \
+             rx kicks {} tx kicks {} tap wakeups {}; frames to guest {} from guest {}; \
+             rx buffer shortages {}",
+            self.rx_next_avail.load(Ordering::Relaxed),
+            self.rx_next_used.load(Ordering::Relaxed),
+            self.tx_next_avail.load(Ordering::Relaxed),
+            self.tx_next_used.load(Ordering::Relaxed),
+            self.rx_waiting.load(Ordering::Relaxed),
+            self.watching_tap.load(Ordering::Relaxed),
+            get(&self.rx_kicks),
+            get(&self.tx_kicks),
+            get(&self.tap_wakeups),
+            get(&self.frames_to_guest),
+            get(&self.frames_from_guest),
+            get(&self.rx_buffer_shortages),
+        )
+    }
 }
 
 impl Net {
@@ -85,6 +131,7 @@ impl Net {
             tap: Arc::new(tap),
             mac,
             worker: None,
+            state: Arc::default(),
         }
     }
 }
@@ -149,7 +196,8 @@ impl VirtioDevice for Net {
             interrupt,
             ..
         } = ctx;
-        let port = NetPort::new(mem, rx, tx, interrupt, tap, mergeable);
+        let mut port = NetPort::new(mem, rx, tx, interrupt, tap, mergeable);
+        port.state = self.state.clone();
         self.worker = Some(spawn_worker(port, queue_events)?);
         Ok(())
     }
@@ -158,6 +206,10 @@ impl VirtioDevice for Net {
         if let Some(mut worker) = self.worker.take() {
             worker.stop();
         }
+    }
+
+    fn describe(&self) -> String {
+        self.state.describe()
     }
 }
 
@@ -185,6 +237,7 @@ pub struct NetPort {
     rx_frame: Vec<u8>,
     rx_frame_len: usize,
     tx_frame: Vec<u8>,
+    state: Arc<NetState>,
 }
 
 impl NetPort {
@@ -207,7 +260,20 @@ impl NetPort {
             rx_frame: vec![0; MAX_FRAME_WITH_HDR],
             rx_frame_len: 0,
             tx_frame: Vec::with_capacity(MAX_FRAME_WITH_HDR),
+            state: Arc::default(),
         }
+    }
+
+    /// Publishes where the device stands, for the state report.
+    fn publish(&self) {
+        let s = &self.state;
+        s.rx_next_avail
+            .store(self.rx.next_avail(), Ordering::Relaxed);
+        s.rx_next_used.store(self.rx.next_used(), Ordering::Relaxed);
+        s.tx_next_avail
+            .store(self.tx.next_avail(), Ordering::Relaxed);
+        s.tx_next_used.store(self.tx.next_used(), Ordering::Relaxed);
+        s.rx_waiting.store(self.rx_frame_len, Ordering::Relaxed);
     }
 
     /// Sends every frame the guest queued to the tap; returns whether any
@@ -228,6 +294,7 @@ impl NetPort {
             if frame_ok {
                 // A tap that cannot take a frame drops it, as a NIC would.
                 let _ = self.tap.write(&self.tx_frame);
+                self.state.frames_from_guest.fetch_add(1, Ordering::Relaxed);
             }
             let _ = self.tx.add_used(&mem, head, 0);
             used = true;
@@ -235,6 +302,7 @@ impl NetPort {
         if used && self.tx.needs_notification(&mem).unwrap_or(true) {
             self.interrupt.signal_used_queue();
         }
+        self.publish();
         used
     }
 
@@ -257,14 +325,22 @@ impl NetPort {
             match self.deliver_frame(&mem) {
                 Delivery::Delivered | Delivery::Dropped => {
                     self.rx_frame_len = 0;
+                    self.state.frames_to_guest.fetch_add(1, Ordering::Relaxed);
                     used = true;
                 }
-                Delivery::NoBuffers => break false,
+                Delivery::NoBuffers => {
+                    self.state
+                        .rx_buffer_shortages
+                        .fetch_add(1, Ordering::Relaxed);
+                    break false;
+                }
             }
         };
         if used && self.rx.needs_notification(&mem).unwrap_or(true) {
             self.interrupt.signal_used_queue();
         }
+        self.state.watching_tap.store(watch_tap, Ordering::Relaxed);
+        self.publish();
         watch_tap
     }
 
@@ -335,10 +411,9 @@ impl NetPort {
                 *len = 0;
             }
         }
-        for (head, len) in heads {
-            // Heads that passed pop_descriptor_chain are in range.
-            let _ = self.rx.add_used(mem, head, len);
-        }
+        // All of the frame's buffers reach the driver at once; heads that
+        // passed pop_descriptor_chain are in range.
+        let _ = add_used_together(&mut self.rx, mem, &heads);
         outcome
     }
 }
@@ -391,13 +466,18 @@ pub fn spawn_worker(
                     TOKEN_KILL => return,
                     TOKEN_TX => {
                         let _ = tx_event.read();
+                        port.state.tx_kicks.fetch_add(1, Ordering::Relaxed);
                         port.process_tx();
                     }
                     TOKEN_RX => {
                         let _ = rx_event.read();
+                        port.state.rx_kicks.fetch_add(1, Ordering::Relaxed);
                         rx_work = true;
                     }
-                    _ => rx_work = true,
+                    _ => {
+                        port.state.tap_wakeups.fetch_add(1, Ordering::Relaxed);
+                        rx_work = true
+                    }
                 }
             }
             if rx_work {
