@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
-use crate::shutdown::{stop_on_host_signals, ExitReason, StopSignal};
+use crate::shutdown::{stop_on_host_signals, ExitReason, StateReport, StopSignal};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, BootSpec, Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError};
@@ -280,17 +281,21 @@ fn attach_legacy_devices(
     Ok(bus)
 }
 
+/// A virtio device's transport, shared by the MMIO bus and the state report.
+type SharedTransport = Arc<Mutex<MmioTransport>>;
+
 /// Places the virtio devices in consecutive MMIO windows with consecutive
 /// IRQs, wires their notifications (ioeventfd) and interrupts (irqfd), and
-/// returns the MMIO bus and the `virtio_mmio.device=` kernel arguments
-/// that tell the guest where they are.
+/// returns the MMIO bus, the `virtio_mmio.device=` kernel arguments that
+/// tell the guest where they are, and the transports (for state reports).
 fn attach_virtio_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<(Bus, Vec<String>), BuildError> {
+) -> Result<(Bus, Vec<String>, Vec<SharedTransport>), BuildError> {
     let mut bus = Bus::mmio();
     let mut args = Vec::new();
+    let mut transports = Vec::new();
     for (index, device) in devices.into_iter().enumerate() {
         let irq = VIRTIO_IRQ_BASE + index as u32;
         if irq > VIRTIO_IRQ_MAX {
@@ -319,10 +324,12 @@ fn attach_virtio_devices(
             )
             .map_err(|e| fail("register queue notification", &e))?;
         }
-        bus.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
+        transports.push(transport);
         args.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
-    Ok((bus, args))
+    Ok((bus, args, transports))
 }
 
 /// The configured virtio devices, block devices first so that the first
@@ -375,7 +382,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
 /// for the boot-time marker.
 pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildError> {
     let stop = StopSignal::new();
-    stop_on_host_signals(&stop).map_err(|e| BuildError::Device(format!("signal handling: {e}")))?;
+    let report: StateReport = Arc::default();
+    stop_on_host_signals(&stop, report.clone())
+        .map_err(|e| BuildError::Device(format!("signal handling: {e}")))?;
     let (kernel_file, kernel_format) = open_kernel(&config.kernel)?;
     // Images and taps are the user's input: their errors come before KVM's.
     let devices = virtio_devices(config)?;
@@ -390,7 +399,21 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         Some(path) => Some(load_initrd(&guest_memory, path, mem_size, &kernel)?),
         None => None,
     };
-    let (mmio_bus, device_args) = attach_virtio_devices(&vm, &guest_memory, devices)?;
+    let (mmio_bus, device_args, transports) = attach_virtio_devices(&vm, &guest_memory, devices)?;
+    // The vCPU threads' IDs, once they run: the report kicks them.
+    let vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>> = Arc::default();
+    let report_vcpus = vcpu_threads.clone();
+    *report.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(move || {
+        vcpu::request_register_report(&report_vcpus.lock().unwrap_or_else(|p| p.into_inner()));
+        transports
+            .iter()
+            .enumerate()
+            .map(|(index, t)| {
+                let t = t.lock().unwrap_or_else(|p| p.into_inner());
+                format!("virtio device {index}: {}", t.describe())
+            })
+            .collect()
+    }));
     let mut cmdline = config.cmdline.clone();
     for arg in device_args {
         cmdline.push(' ');
@@ -437,7 +460,13 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         match vcpu.start(buses.clone(), stop.clone()) {
-            Ok(thread) => threads.push(thread),
+            Ok(thread) => {
+                vcpu_threads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(thread.as_pthread_t());
+                threads.push(thread)
+            }
             Err(e) => {
                 stop.raise(ExitReason::VcpuFailure(e.to_string()));
                 vcpu::stop_vcpus(threads);
@@ -447,6 +476,12 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
     }
 
     let reason = stop.wait();
+    // No more reports: the threads are about to end.
+    report.lock().unwrap_or_else(|p| p.into_inner()).take();
+    vcpu_threads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     let stuck_vcpus = vcpu::stop_vcpus(threads);
     let boot_time = *boot_time.lock().unwrap_or_else(|p| p.into_inner());
     Ok(VmOutcome {

@@ -1,5 +1,7 @@
 //! Why a VM stopped, and the one-shot signal that carries it from whichever
-//! vCPU or device saw it first to the thread that tears the VM down.
+//! vCPU or device saw it first to the thread that tears the VM down; and
+//! the host signals that reach the VMM (SIGTERM and SIGINT stop it,
+//! SIGUSR1 asks for a report of its devices' state).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -28,13 +30,17 @@ impl ExitReason {
     }
 }
 
+/// What SIGUSR1 prints, one line each: set once the devices exist.
+pub type StateReport = Arc<Mutex<Option<Box<dyn Fn() -> Vec<String> + Send>>>>;
+
 /// Turns SIGTERM and SIGINT into a stop of the VM, so that the VMM tears
 /// it down (vCPUs stopped, devices dropped, the vsock socket and any tap
-/// it created removed) instead of dying where it stands. It blocks both
-/// signals in the calling thread, which every thread started afterwards
-/// inherits, and waits for them on a thread of its own: call it before
-/// starting any other thread.
-pub fn stop_on_host_signals(stop: &StopSignal) -> std::io::Result<()> {
+/// it created removed) instead of dying where it stands, and SIGUSR1 into
+/// `report`'s lines on stderr (`moat-vmm: state: …`), which the VM
+/// survives. It blocks the three signals in the calling thread, which
+/// every thread started afterwards inherits, and waits for them on a
+/// thread of its own: call it before starting any other thread.
+pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::Result<()> {
     // SAFETY: sigset_t is plain old data, initialised by sigemptyset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; SIGTERM and SIGINT are valid signals.
@@ -42,6 +48,7 @@ pub fn stop_on_host_signals(stop: &StopSignal) -> std::io::Result<()> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
     }
     // SAFETY: `set` is valid and the old mask is not wanted.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -54,10 +61,23 @@ pub fn stop_on_host_signals(stop: &StopSignal) -> std::io::Result<()> {
         .spawn(move || loop {
             let mut signal = 0;
             // SAFETY: `set` is valid and `signal` a valid place for the result.
-            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                stop.raise(ExitReason::HostSignal(signal));
-                return;
+            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                continue;
             }
+            if signal == libc::SIGUSR1 {
+                let report = report.lock().unwrap_or_else(|p| p.into_inner());
+                match report.as_ref() {
+                    Some(lines) => {
+                        for line in lines() {
+                            eprintln!("moat-vmm: state: {line}");
+                        }
+                    }
+                    None => eprintln!("moat-vmm: state: the VM is still being built"),
+                }
+                continue;
+            }
+            stop.raise(ExitReason::HostSignal(signal));
+            return;
         })?;
     Ok(())
 }

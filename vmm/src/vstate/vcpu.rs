@@ -1,6 +1,7 @@
 //! vCPUs: their boot configuration, their run loop on a named thread of
 //! their own, and how the VMM kicks them out of the guest to stop them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,24 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::Bus;
 use crate::shutdown::{ExitReason, StopSignal};
+
+/// Bumped to ask every vCPU thread to print its registers (the VMM's
+/// state report, SIGUSR1); each thread prints once per new value.
+static REGS_REQUEST: AtomicU64 = AtomicU64::new(0);
+
+/// Asks the vCPU threads `threads` (their pthread IDs) to print their
+/// registers on stderr: kicks them out of `KVM_RUN`, so that even a vCPU
+/// that KVM keeps busy in the kernel answers.
+pub fn request_register_report(threads: &[libc::pthread_t]) {
+    REGS_REQUEST.fetch_add(1, Ordering::SeqCst);
+    for thread in threads {
+        // SAFETY: the IDs are of vCPU threads that have not been joined
+        // (the VM clears the list under the report's lock before it joins
+        // them), so each ID is valid, if perhaps of a thread that has just
+        // ended; the kick signal's handler does nothing.
+        unsafe { libc::pthread_kill(*thread, kick_signal()) };
+    }
+}
 
 /// How long `stop_vcpus` keeps kicking a vCPU thread before giving up on it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -194,7 +213,15 @@ impl Vcpu {
         let index = self.index;
         let fail =
             |what: String| stop.raise(ExitReason::VcpuFailure(format!("vCPU {index}: {what}")));
+        let mut reported = REGS_REQUEST.load(Ordering::SeqCst);
+        let mut exits = 0u64;
         while !stop.is_raised() {
+            let request = REGS_REQUEST.load(Ordering::Relaxed);
+            if request != reported {
+                reported = request;
+                self.report_registers(exits);
+            }
+            exits += 1;
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => buses.pio.read(u64::from(port), data),
                 Ok(VcpuExit::IoOut(port, data)) => buses.pio.write(u64::from(port), data),
@@ -234,6 +261,23 @@ impl Vcpu {
                 Ok(other) => fail(format!("unexpected KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => fail(format!("KVM_RUN failed: {e}")),
+            }
+        }
+    }
+}
+
+impl Vcpu {
+    /// Prints where the guest is on this vCPU, for the state report.
+    fn report_registers(&self, exits: u64) {
+        let index = self.index;
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => eprintln!(
+                "moat-vmm: state: vCPU {index}: rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} \
+                 cr3 {:#x} efer {:#x}; {exits} exits to the VMM so far",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("moat-vmm: state: vCPU {index}: cannot read its registers: {e}")
             }
         }
     }

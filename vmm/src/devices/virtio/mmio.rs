@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{status, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -65,6 +65,16 @@ pub struct MmioTransport {
     acked_features: u64,
     status: u32,
     activated: bool,
+    /// Where the active queues' rings lie, for state reports.
+    active_rings: Vec<RingAddresses>,
+}
+
+/// Where one active queue's rings lie in guest memory.
+#[derive(Debug, Clone, Copy)]
+struct RingAddresses {
+    size: u16,
+    avail: GuestAddress,
+    used: GuestAddress,
 }
 
 fn fresh_queues(sizes: &[u16]) -> Vec<Queue> {
@@ -101,6 +111,7 @@ impl MmioTransport {
             acked_features: 0,
             status: 0,
             activated: false,
+            active_rings: Vec::new(),
         })
     }
 
@@ -129,6 +140,7 @@ impl MmioTransport {
             self.device.reset();
             self.activated = false;
         }
+        self.active_rings.clear();
         self.queues = fresh_queues(self.device.queue_max_sizes());
         self.queue_select = 0;
         self.device_features_select = 0;
@@ -170,6 +182,15 @@ impl MmioTransport {
             .all(|q| q.ready() && q.is_valid(&self.mem));
         let events: std::io::Result<Vec<EventFd>> =
             self.queue_events.iter().map(EventFd::try_clone).collect();
+        self.active_rings = self
+            .queues
+            .iter()
+            .map(|q| RingAddresses {
+                size: q.size(),
+                avail: GuestAddress(q.avail_ring()),
+                used: GuestAddress(q.used_ring()),
+            })
+            .collect();
         let result = match (all_valid, events) {
             (true, Ok(queue_events)) => self.device.activate(ActivateContext {
                 mem: self.mem.clone(),
@@ -192,6 +213,43 @@ impl MmioTransport {
             Ok(()) => self.activated = true,
             Err(_) => self.status |= status::DEVICE_NEEDS_RESET,
         }
+    }
+
+    /// One line on the device's state as the guest and the device see it:
+    /// the status, the interrupt, and for each active queue the flags and
+    /// index the driver last wrote to its avail ring and those the device
+    /// last wrote to its used ring, read from guest memory now; then the
+    /// device's own report. For diagnosing a stalled queue.
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "type {} status {:#x} activated {} interrupt status {:#x} raised {}",
+            self.device.device_type(),
+            self.status,
+            self.activated,
+            self.interrupt.status(),
+            self.interrupt.raised()
+        );
+        let read_u16 = |addr: GuestAddress| {
+            self.mem
+                .read_obj::<u16>(addr)
+                .map_or_else(|_| "?".to_string(), |v| v.to_string())
+        };
+        for (index, ring) in self.active_rings.iter().enumerate() {
+            line.push_str(&format!(
+                "; q{index} size {} avail flags {} idx {} used flags {} idx {}",
+                ring.size,
+                read_u16(ring.avail),
+                read_u16(ring.avail.unchecked_add(2)),
+                read_u16(ring.used),
+                read_u16(ring.used.unchecked_add(2)),
+            ));
+        }
+        let own = self.device.describe();
+        if !own.is_empty() {
+            line.push_str("; ");
+            line.push_str(&own);
+        }
+        line
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
