@@ -85,6 +85,7 @@ case "${moat_mode:-report}" in
     wait "$sink_pid"
     stats=/sys/class/net/eth0/statistics
     echo "MOAT_GUEST eth0 rx dropped+errors: $(( $(cat $stats/rx_dropped) + $(cat $stats/rx_errors) ))"
+    echo "MOAT_GUEST eth0 counters: $(cd $stats && for f in *; do v=$(cat "$f"); [ "$v" = 0 ] || printf '%s=%s ' "$f" "$v"; done)"
     ;;
   devbench)
     bulk=$(( ${moat_bulk_mib:-128} * 1048576 ))

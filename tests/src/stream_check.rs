@@ -3,6 +3,7 @@
 //! was sent or received, and an echo round trip.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -46,7 +47,54 @@ pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How long a host-side transfer may make no progress before it counts as
+/// stalled: far below the harness's run timeout, so that a stall is
+/// reported (and the VMM's device state dumped) while the VM still runs.
+pub const HOST_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for the guest's side: longer than the host's, so that the
+/// host notices a stall first and the guest's report follows it.
+pub const GUEST_STALL_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Whether `e` is a socket timeout, i.e. the transfer made no progress.
+pub fn is_stall(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A socket whose reads and writes can be bounded in time: one that makes
+/// no progress for the bound then fails with a timeout ([`is_stall`]).
+pub trait BoundedSocket {
+    /// Sets the read and write timeouts to `limit`.
+    fn bound(&self, limit: Duration) -> io::Result<()>;
+}
+
+impl BoundedSocket for std::net::TcpStream {
+    fn bound(&self, limit: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(limit))?;
+        self.set_write_timeout(Some(limit))
+    }
+}
+
+impl BoundedSocket for std::os::unix::net::UnixStream {
+    fn bound(&self, limit: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(limit))?;
+        self.set_write_timeout(Some(limit))
+    }
+}
+
+fn with_progress(e: io::Error, what: &str, done: u64) -> io::Error {
+    let stalled = if is_stall(&e) {
+        " (stalled: no progress within the socket timeout)"
+    } else {
+        ""
+    };
+    io::Error::new(e.kind(), format!("{e} after {done} bytes {what}{stalled}"))
+}
+
 /// Writes `total` pattern bytes for `seed` to `out`; returns their SHA-256.
+/// An error says how many bytes had gone and whether the stream stalled.
 pub fn send_pattern(out: &mut impl Write, seed: u64, total: u64) -> io::Result<String> {
     let mut pattern = PatternStream::new(seed);
     let mut hasher = Sha256::new();
@@ -56,14 +104,16 @@ pub fn send_pattern(out: &mut impl Write, seed: u64, total: u64) -> io::Result<S
         let n = left.min(buf.len() as u64) as usize;
         pattern.fill(&mut buf[..n]);
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
+        out.write_all(&buf[..n])
+            .map_err(|e| with_progress(e, "sent", total - left))?;
         left -= n as u64;
     }
-    out.flush()?;
+    out.flush().map_err(|e| with_progress(e, "sent", total))?;
     Ok(hex(&hasher.finalize()))
 }
 
-/// Reads `input` to its end; returns the byte count and SHA-256.
+/// Reads `input` to its end; returns the byte count and SHA-256. An error
+/// says how many bytes had come and whether the stream stalled.
 pub fn receive_all(input: &mut impl Read) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -76,7 +126,7 @@ pub fn receive_all(input: &mut impl Read) -> io::Result<(u64, String)> {
                 total += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(with_progress(e, "received", total)),
         }
     }
     Ok((total, hex(&hasher.finalize())))
@@ -214,6 +264,19 @@ mod tests {
         let hash = send_pattern(&mut sent, 3, 200_000).unwrap();
         let (n, received) = receive_all(&mut sent.as_slice()).unwrap();
         assert_eq!((n, received), (200_000, hash));
+    }
+
+    #[test]
+    fn a_silent_peer_is_reported_as_a_stall_with_the_bytes_so_far() {
+        let (mut writer, mut reader) = std::os::unix::net::UnixStream::pair().unwrap();
+        writer.write_all(&[1u8; 1000]).unwrap();
+        reader
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let err = receive_all(&mut reader).unwrap_err();
+        assert!(is_stall(&err), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("after 1000 bytes received (stalled"), "{msg}");
     }
 
     #[test]

@@ -110,6 +110,29 @@ fn virtio_blk_64mib_survives_a_vm_restart_and_read_only_disk_refuses_writes() {
     );
 }
 
+/// Shell functions of the transfer scenarios. `dump_vm WHY` asks the
+/// running moat-vmm (PID in /tmp/vm.pid) for its devices' state (SIGUSR1:
+/// ring indexes and flags, pending frames, interrupts raised) when a host
+/// tool reports a failed or stalled transfer; `guard_vm PID` gives the VM
+/// 300 s, far below kvm-run's 600, then dumps its state and stops it, so
+/// that a stuck guest is diagnosed instead of timing the harness out.
+const VM_WATCHDOG: &str = r#"dump_vm() {
+            echo "$1: asking moat-vmm for its device state" >&2
+            kill -USR1 "$(cat /tmp/vm.pid)" 2>/dev/null; sleep 1
+            # What KVM did meanwhile: exits by kind over two seconds.
+            mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
+            kvm_stats() { cd /sys/kernel/debug/kvm 2>/dev/null && for f in exits io_exits mmio_exits \
+                irq_exits halt_exits signal_exits pf_taken pf_fixed pf_spurious pf_emulate \
+                insn_emulation irq_injections nmi_injections; do printf '%s=%s ' $f "$(cat $f 2>/dev/null)"; done; }
+            echo "KVM stats: $(kvm_stats)" >&2; sleep 2; echo "KVM stats 2 s later: $(kvm_stats)" >&2
+            kill -USR1 "$(cat /tmp/vm.pid)" 2>/dev/null; sleep 1
+        }
+        guard_vm() {
+            ( sleep 300; kill -0 "$1" 2>/dev/null || exit 0
+              echo "the VM is still running after 300 s: stopping it" >&2
+              kill -USR1 "$1"; sleep 1; kill -TERM "$1" ) &
+        }"#;
+
 /// MiB each bulk transfer moves in the vsock test: 256 MiB, about 11 s per
 /// direction in the nested harness (`MOAT_VSOCK_BULK_MIB` changes it).
 fn vsock_bulk_mib() -> u64 {
@@ -130,17 +153,18 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
     // 6001, and a connection to port 6999 where nothing listens.
     let script = format!(
         r#"set -u
+        {watchdog}
         rm -f /tmp/v.sock /tmp/v.sock_*
-        {host} sink /tmp/v.sock_6000 >/tmp/host-sink.out &
+        {{ {host} sink /tmp/v.sock_6000 || dump_vm "host sink failed"; }} >/tmp/host-sink.out &
         sink=$!
         {host} echo-server /tmp/v.sock_6001 &
         echo_server=$!
         while [ ! -S /tmp/v.sock_6000 ] || [ ! -S /tmp/v.sock_6001 ]; do sleep 0.1; done
         {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512 --vcpus 2 \
             --vsock cid=3,path=/tmp/v.sock --append "quiet moat_mode=vsock moat_vsock_mib={mib}" &
-        vm=$!
-        {host} echo-clients /tmp/v.sock 5000 100 65536 >/tmp/host-echo.out
-        {host} send /tmp/v.sock 5001 $(({mib} * 1048576)) 7 >/tmp/host-send.out
+        vm=$!; echo $vm >/tmp/vm.pid; guard_vm $vm
+        {host} echo-clients /tmp/v.sock 5000 100 65536 >/tmp/host-echo.out || dump_vm "host echo clients failed"
+        {host} send /tmp/v.sock 5001 $(({mib} * 1048576)) 7 >/tmp/host-send.out || dump_vm "host send failed"
         {host} send /tmp/v.sock 5002 1 1 >/dev/null
         wait $vm; echo "vm exit status: $?"
         # A guest that died never finishes the sink's connection.
@@ -150,13 +174,17 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
         cat /tmp/host-echo.out /tmp/host-send.out /tmp/host-sink.out
         kill $echo_server
         [ -e /tmp/v.sock ] && echo "vsock socket left behind" || echo "vsock socket removed""#,
+        watchdog = VM_WATCHDOG,
         host = host_tool.display(),
         vmm = vmm_binary().display(),
         kernel = guest_vmlinux().display(),
         initramfs = initramfs.display(),
         mib = vsock_bulk_mib(),
     );
-    let run = kvm_run_again_after_guest_crash(&["bash", "-c", &script]);
+    let run = kvm_run_again_after_guest_crash(
+        "vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way",
+        &["bash", "-c", &script],
+    );
     let all = run.describe();
     assert!(
         run.stdout.contains("host echo clients: 100 ok"),
@@ -234,6 +262,7 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
     // creates itself, which must vanish with the VM.
     let script = format!(
         r#"set -u
+        {watchdog}
         modprobe tun
         ip tuntap add dev moat-tap0 mode tap
         # No IPv6 chatter (router and multicast listener messages) that
@@ -241,13 +270,13 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         sysctl -qw net.ipv6.conf.moat-tap0.disable_ipv6=1
         ip addr add 10.0.2.1/24 dev moat-tap0
         ip link set moat-tap0 up
-        {host} tcp-sink 10.0.2.1:7000 >/tmp/host-tcp-sink.out &
+        {{ {host} tcp-sink 10.0.2.1:7000 || dump_vm "host tcp sink failed"; }} >/tmp/host-tcp-sink.out &
         sink=$!
         {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512 --vcpus 2 \
             --net id=eth0,tap=moat-tap0,mac=02:00:00:00:00:0a --net id=eth1,tap=moat-tmp0 \
             --append "quiet moat_mode=net moat_net_mib={mib}" &
-        vm=$!
-        {host} tcp-send 10.0.2.2:7001 {bytes} 7 >/tmp/host-tcp-send.out
+        vm=$!; echo $vm >/tmp/vm.pid; guard_vm $vm
+        {host} tcp-send 10.0.2.2:7001 {bytes} 7 >/tmp/host-tcp-send.out || dump_vm "host tcp send failed"
         wait $vm; echo "vm exit status: $?"
         # A guest that died never finishes the sink's connection.
         ( sleep 10; kill $sink 2>/dev/null ) & wait $sink
@@ -255,13 +284,17 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         echo "tap tx dropped: $(cat /sys/class/net/moat-tap0/statistics/tx_dropped)"
         ip link show moat-tmp0 >/dev/null 2>&1 && echo "created tap left behind" || echo "created tap removed"
         ip link del moat-tap0"#,
+        watchdog = VM_WATCHDOG,
         host = host_tool.display(),
         vmm = vmm_binary().display(),
         kernel = guest_vmlinux().display(),
         initramfs = initramfs.display(),
         mib = net_bulk_mib(),
     );
-    let run = kvm_run_again_after_guest_crash(&["bash", "-c", &script]);
+    let run = kvm_run_again_after_guest_crash(
+        "virtio_net_over_a_tap_pings_and_moves_256mib_each_way",
+        &["bash", "-c", &script],
+    );
     let all = run.describe();
     assert_eq!(
         run.guest_value("eth0 mac"),

@@ -18,7 +18,9 @@ use std::io;
 use std::process::ExitCode;
 
 use moat_tests::af_vsock::{self, HOST_CID};
-use moat_tests::stream_check::{concurrent_echo_clients, echo, receive_all, send_pattern};
+use moat_tests::stream_check::{
+    concurrent_echo_clients, echo, receive_all, send_pattern, BoundedSocket, GUEST_STALL_TIMEOUT,
+};
 
 fn connect(port: u32) -> io::Result<std::os::unix::net::UnixStream> {
     af_vsock::connect(HOST_CID, port)
@@ -43,6 +45,8 @@ fn run(args: &[String]) -> Result<(), String> {
                 std::net::TcpListener::bind(("0.0.0.0", port)).map_err(io_err("listen"))?;
             println!("MOAT_GUEST tcp sink listening: {port}");
             let (mut conn, _) = listener.accept().map_err(io_err("accept"))?;
+            conn.bound(GUEST_STALL_TIMEOUT)
+                .map_err(io_err("timeouts"))?;
             let (n, hash) = receive_all(&mut conn).map_err(io_err("receive"))?;
             println!("MOAT_GUEST tcp sink: {n} bytes sha256 {hash}");
             return Ok(());
@@ -52,6 +56,8 @@ fn run(args: &[String]) -> Result<(), String> {
             let bytes: u64 = arg(args, 2, "BYTES")?;
             let seed: u64 = arg(args, 3, "SEED")?;
             let mut conn = std::net::TcpStream::connect(addr).map_err(io_err("connect"))?;
+            conn.bound(GUEST_STALL_TIMEOUT)
+                .map_err(io_err("timeouts"))?;
             let hash = send_pattern(&mut conn, seed, bytes).map_err(io_err("send"))?;
             conn.shutdown(std::net::Shutdown::Write)
                 .map_err(io_err("shutdown"))?;
@@ -84,6 +90,8 @@ fn run(args: &[String]) -> Result<(), String> {
         "sink" => {
             let listener = af_vsock::Listener::bind(port).map_err(io_err("listen"))?;
             let mut conn = listener.accept().map_err(io_err("accept"))?;
+            conn.bound(GUEST_STALL_TIMEOUT)
+                .map_err(io_err("timeouts"))?;
             let (n, hash) = receive_all(&mut conn).map_err(io_err("receive"))?;
             println!("MOAT_GUEST vsock sink: {n} bytes sha256 {hash}");
         }
@@ -91,6 +99,8 @@ fn run(args: &[String]) -> Result<(), String> {
             let bytes: u64 = arg(args, 2, "BYTES")?;
             let seed: u64 = arg(args, 3, "SEED")?;
             let mut conn = connect(port).map_err(io_err("connect"))?;
+            conn.bound(GUEST_STALL_TIMEOUT)
+                .map_err(io_err("timeouts"))?;
             let hash = send_pattern(&mut conn, seed, bytes).map_err(io_err("send"))?;
             let _ = conn.shutdown(std::net::Shutdown::Write);
             println!("MOAT_GUEST vsock send: {bytes} bytes sha256 {hash}");
@@ -181,12 +191,52 @@ fn block_bench(dev: &str, mib: u64, seconds: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// What the guest's kernel says about its devices, after a failed
+/// transfer: the virtio lines of /proc/interrupts (how many interrupts each
+/// device's IRQ delivered, per CPU) and each interface's counters.
+fn print_guest_view() {
+    let interrupts = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    for (i, line) in interrupts.lines().enumerate() {
+        if i == 0 || line.contains("virtio") {
+            println!("MOAT_GUEST view /proc/interrupts: {}", line.trim());
+        }
+    }
+    let Ok(interfaces) = std::fs::read_dir("/sys/class/net") else {
+        return;
+    };
+    for interface in interfaces.flatten() {
+        let name = interface.file_name().to_string_lossy().into_owned();
+        if name == "lo" {
+            continue;
+        }
+        let counters: Vec<String> = [
+            "rx_packets",
+            "rx_bytes",
+            "rx_dropped",
+            "rx_errors",
+            "tx_packets",
+            "tx_bytes",
+            "tx_dropped",
+            "tx_errors",
+        ]
+        .iter()
+        .map(|c| {
+            let path = interface.path().join("statistics").join(c);
+            let value = std::fs::read_to_string(path).unwrap_or_default();
+            format!("{c}={}", value.trim())
+        })
+        .collect();
+        println!("MOAT_GUEST view {name}: {}", counters.join(" "));
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             println!("MOAT_GUEST guest-tool error: {} {e}", args.join(" "));
+            print_guest_view();
             ExitCode::FAILURE
         }
     }

@@ -13,7 +13,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use moat_tests::stream_check::{concurrent_echo_clients, echo, receive_all, send_pattern};
+use moat_tests::stream_check::{
+    concurrent_echo_clients, echo, receive_all, send_pattern, BoundedSocket, HOST_STALL_TIMEOUT,
+};
 
 /// How long to keep retrying while the guest is not listening yet.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
@@ -27,6 +29,13 @@ fn connect(uds: &str, port: u32) -> io::Result<UnixStream> {
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// A transfer that makes no progress for [`HOST_STALL_TIMEOUT`] fails
+/// with a report of how far it got, instead of waiting forever.
+fn bound(conn: &impl BoundedSocket) -> Result<(), String> {
+    conn.bound(HOST_STALL_TIMEOUT)
+        .map_err(|e| format!("socket timeouts: {e}"))
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T, String> {
@@ -57,6 +66,7 @@ fn run(args: &[String]) -> Result<(), String> {
                     Err(_) => std::thread::sleep(Duration::from_millis(200)),
                 }
             };
+            bound(&conn)?;
             let start = Instant::now();
             let hash = send_pattern(&mut conn, seed, bytes).map_err(|e| format!("send: {e}"))?;
             conn.shutdown(std::net::Shutdown::Write)
@@ -71,6 +81,7 @@ fn run(args: &[String]) -> Result<(), String> {
             let listener =
                 std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
             let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            bound(&conn)?;
             let start = Instant::now();
             let (n, hash) = receive_all(&mut conn).map_err(|e| format!("receive: {e}"))?;
             report("tcp sink", n, &hash, start);
@@ -94,6 +105,7 @@ fn run(args: &[String]) -> Result<(), String> {
             let bytes: u64 = arg(args, 3, "BYTES")?;
             let seed: u64 = arg(args, 4, "SEED")?;
             let mut conn = connect(&path, port).map_err(|e| format!("connect: {e}"))?;
+            bound(&conn)?;
             let start = Instant::now();
             let hash = send_pattern(&mut conn, seed, bytes).map_err(|e| format!("send: {e}"))?;
             let _ = conn.shutdown(std::net::Shutdown::Write);
@@ -106,6 +118,7 @@ fn run(args: &[String]) -> Result<(), String> {
         "sink" => {
             let listener = UnixListener::bind(&path).map_err(|e| format!("listen {path}: {e}"))?;
             let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            bound(&conn)?;
             let start = Instant::now();
             let (n, hash) = receive_all(&mut conn).map_err(|e| format!("receive: {e}"))?;
             let secs = start.elapsed().as_secs_f64();

@@ -111,17 +111,34 @@ impl Run {
 /// [`kvm_run`], run once more if the guest triple-faulted. Under heavy
 /// network or vsock load, an L2 guest in the nested TCG harness sometimes
 /// triple-faults (see tests/harness/README.md, "Caveats"); a second
-/// triple fault in a row fails the test like any other failure.
-pub fn kvm_run_again_after_guest_crash(args: &[&str]) -> Run {
+/// triple fault in a row fails the test like any other failure. The rerun
+/// is said on stderr and counted in `MOAT_RERUN_LOG` (see [`record_rerun`]).
+pub fn kvm_run_again_after_guest_crash(test: &str, args: &[&str]) -> Run {
     let run = kvm_run(args);
     if run.stderr.contains("triple fault") {
-        eprintln!(
-            "the guest triple-faulted (a known nested-harness problem); running once more:\n{}",
-            run.describe()
-        );
+        let why = "the L2 guest triple-faulted in the nested TCG harness";
+        record_rerun(test, why);
+        eprintln!("{test}: {why}; running it once more:\n{}", run.describe());
         return kvm_run(args);
     }
     run
+}
+
+/// Says that `test` ran its scenario again and why: on stderr, and as a
+/// line appended to the file `MOAT_RERUN_LOG` names (when set), which
+/// `.ci/run` counts and prints at its end, so that no rerun goes unseen.
+pub fn record_rerun(test: &str, why: &str) {
+    eprintln!("RERUN {test}: {why}");
+    if let Some(path) = std::env::var_os("MOAT_RERUN_LOG") {
+        use std::io::Write;
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(log, "{test}: {why}");
+        }
+    }
 }
 
 /// Runs `args` on a KVM host through `tests/harness/kvm-run`: directly on a
