@@ -19,7 +19,8 @@ AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
-	harness-test test-tools kvm-test bench-boot bench-devices bench-agent
+	harness-test test-tools kvm-test bench-boot bench-devices bench-agent boot-rate \
+	net-crash-rate
 
 ## demo: build everything, boot a pod microVM and run a container in it
 ## through the guest agent (and show what a plain test guest sees).
@@ -100,6 +101,28 @@ bench-boot: deps kernel build-release initramfs
 		--vmm $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--initramfs $(TEST_INITRAMFS) --runs $${RUNS:-10}
+
+## boot-rate: how many boots die or stall before the guest's init
+## reports, moat-vmm against QEMU microvm (-cpu host) in one L1: the test
+## and the agent initramfs, 1 and 2 vCPUs, idle and busy, RUNS boots of
+## each VMM per cell (default 25: 200 boots of each VMM in all).
+## BOOT_RATE_ARGS passes more (e.g. --vmms moat --loads busy).
+boot-rate: deps kernel build-release initramfs guest
+	$(KVM_RUN) --timeout $${TIMEOUT:-10800} -- bash -c 'modprobe vhost_vsock && exec "$$@"' boot-rate \
+		$(TARGET_DIR)/release/boot-rate --vmm $(TARGET_DIR)/release/moat-vmm \
+		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
+		--test-initramfs $(TEST_INITRAMFS) --agent-initramfs $(AGENT_INITRAMFS) \
+		--runs $${RUNS:-25} $${BOOT_RATE_ARGS:-}
+
+## net-crash-rate: how many guests crash or stall under network load
+## (256 MiB each way over TCP), moat-vmm against QEMU microvm with
+## vhost-net in one L1, RUNS runs of each (default 6), alternating.
+net-crash-rate: deps kernel build-release test-tools
+	tests/guest/build-initramfs.sh $(TARGET_DIR)/moat-guest/net-initramfs.cpio \
+		$(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool >/dev/null
+	$(KVM_RUN) --timeout $${TIMEOUT:-7200} -- tests/harness/net-crash-rate \
+		$(TARGET_DIR)/release/moat-vmm "$$(kernel-config/build-kernel.sh | tail -n1)" \
+		$(TARGET_DIR)/moat-guest/net-initramfs.cpio $(TARGET_DIR)/release/host-tool $${RUNS:-6}
 
 ## bench-devices: moat's virtio block, net and vsock against QEMU's
 ## (virtio-blk, vhost-net, vhost-vsock) on the same image and tap.
