@@ -154,6 +154,17 @@ pub fn run_to_marker(
     })
 }
 
+/// The first line of `qemu --version`, to name the peer in a report.
+pub fn qemu_version(qemu: &std::path::Path) -> String {
+    Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown version".into())
+}
+
 /// The median of `values` (the mean of the middle two for an even count).
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();

@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::Parser;
-use moat_tests::measure::{median, run_to_marker, RunSample};
+use moat_tests::measure::{median, qemu_version, run_to_marker, RunSample};
 
 /// What the test initramfs prints first, before it does anything else.
 const INIT_MARKER: &str = "MOAT_GUEST init started";
@@ -76,16 +76,6 @@ fn qemu_command(args: &Args) -> Command {
     .arg(&args.initramfs)
     .args(["-append", CMDLINE]);
     cmd
-}
-
-fn qemu_version(qemu: &PathBuf) -> String {
-    Command::new(qemu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown version".into())
 }
 
 fn ms(d: Duration) -> f64 {

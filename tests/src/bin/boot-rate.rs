@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use moat_tests::measure::median;
+use moat_tests::measure::{median, qemu_version};
 
 /// Both VMMs get this command line: moat-vmm's default one, quiet, with
 /// `reboot=t` (QEMU's microvm has no i8042; a triple-fault reset is the
@@ -362,16 +362,6 @@ fn load_name(l: Load) -> &'static str {
         Load::Idle => "idle",
         Load::Busy => "busy",
     }
-}
-
-fn qemu_version(qemu: &Path) -> String {
-    Command::new(qemu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown version".into())
 }
 
 /// The upper end of a 95% confidence interval for a rate seen as
