@@ -1,5 +1,6 @@
 //! vCPUs: their boot configuration, their run loop on a named thread of
-//! their own, and how the VMM kicks them out of the guest to stop them.
+//! their own, how the VMM kicks them out of the guest to stop them, and
+//! the registers each reports on request (the SIGUSR1 state report).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -209,6 +210,21 @@ impl Vcpu {
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 
+    /// Prints where the guest is on this vCPU, for the state report.
+    fn report_registers(&self, exits: u64) {
+        let index = self.index;
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => eprintln!(
+                "moat-vmm: state: vCPU {index}: rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} \
+                 cr3 {:#x} efer {:#x}; {exits} exits to the VMM so far",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("moat-vmm: state: vCPU {index}: cannot read its registers: {e}")
+            }
+        }
+    }
+
     fn run_loop(mut self, buses: &Buses, stop: &StopSignal) {
         let index = self.index;
         let fail =
@@ -261,23 +277,6 @@ impl Vcpu {
                 Ok(other) => fail(format!("unexpected KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => fail(format!("KVM_RUN failed: {e}")),
-            }
-        }
-    }
-}
-
-impl Vcpu {
-    /// Prints where the guest is on this vCPU, for the state report.
-    fn report_registers(&self, exits: u64) {
-        let index = self.index;
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => eprintln!(
-                "moat-vmm: state: vCPU {index}: rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} \
-                 cr3 {:#x} efer {:#x}; {exits} exits to the VMM so far",
-                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.efer
-            ),
-            (Err(e), _) | (_, Err(e)) => {
-                eprintln!("moat-vmm: state: vCPU {index}: cannot read its registers: {e}")
             }
         }
     }
