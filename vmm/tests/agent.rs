@@ -74,7 +74,9 @@ fn agent_client_suite_runs_real_containers_in_the_guest() {
         vm=$!
         timeout 90 {check} /tmp/agent.sock 1024 60 >/dev/null
         timeout 400 {suite} /tmp/agent.sock 1024 /busybox {filter} >/tmp/suite.out 2>&1
-        echo "agent-suite exit: $?"
+        status=$?; echo "agent-suite exit: $status"
+        # A failed suite: where the guest's vCPUs and devices stand now.
+        if [ $status != 0 ]; then kill -USR1 $vm; sleep 2; kill -USR1 $vm; sleep 1; fi
         kill -TERM $vm; timeout 20 tail --pid=$vm -f /dev/null || kill -KILL $vm
         wait $vm; echo "vm exit status: $?"
         cat /tmp/suite.out
