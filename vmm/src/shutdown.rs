@@ -30,7 +30,8 @@ impl ExitReason {
     }
 }
 
-/// What SIGUSR1 prints, one line each: set once the devices exist.
+/// What SIGUSR1 prints, one line each: set once the devices exist, and
+/// taken away again when the VM stops.
 pub type StateReport = Arc<Mutex<Option<Box<dyn Fn() -> Vec<String> + Send>>>>;
 
 /// Turns SIGTERM and SIGINT into a stop of the VM, so that the VMM tears
@@ -72,7 +73,9 @@ pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::
                             eprintln!("moat-vmm: state: {line}");
                         }
                     }
-                    None => eprintln!("moat-vmm: state: the VM is still being built"),
+                    None => eprintln!(
+                        "moat-vmm: state: no VM to report on (not built yet, or stopping)"
+                    ),
                 }
                 continue;
             }
