@@ -215,9 +215,11 @@ impl Vcpu {
         let index = self.index;
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => eprintln!(
-                "moat-vmm: state: vCPU {index}: rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} \
-                 cr3 {:#x} efer {:#x}; {exits} exits to the VMM so far",
-                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.efer
+                "moat-vmm: state: vCPU {index}: rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} rcx {:#x} \
+                 rdx {:#x} rsi {:#x} rdi {:#x} cs {:#x} cr0 {:#x} cr3 {:#x} efer {:#x}; \
+                 {exits} exits to the VMM so far",
+                r.rip, r.rsp, r.rflags, r.rax, r.rcx, r.rdx, r.rsi, r.rdi, s.cs.selector, s.cr0,
+                s.cr3, s.efer
             ),
             (Err(e), _) | (_, Err(e)) => {
                 eprintln!("moat-vmm: state: vCPU {index}: cannot read its registers: {e}")
