@@ -112,39 +112,68 @@ impl Run {
 /// VT-x/AMD-V host, in the QEMU TCG L1 VM elsewhere. The harness states
 /// which on stderr, and the test prints it.
 ///
-/// If L1's own kernel died (kvm-run's exit 125 with a kernel panic in
-/// L1's console), the scenario runs once more, said and counted by
-/// [`record_rerun`]: L1's kernel dying is the harness failing, not the
-/// guest, and it was seen with QEMU as the guest's VMM too
-/// (tests/harness/README.md). Anything else, a guest crash included,
-/// is the test's result.
+/// The scenario runs once more, said and counted by [`record_rerun`], in
+/// two cases only, both shown to be the nested TCG harness failing, not
+/// the guest or its VMM (tests/harness/README.md):
+/// - L1's own kernel died (kvm-run's exit 125 with a kernel panic in L1's
+///   console), which was seen with QEMU as the guest's VMM too;
+/// - `tests/harness/l0-leak-watch` saw a KVM exit whose guest rip lies in
+///   L1's kvm_amd module: L0's SVM emulation gave the guest L1's own
+///   registers, which no VMM can do.
+///
+/// Anything else, a guest crash included, is the test's result, and a
+/// second failure is never retried.
 pub fn kvm_run(args: &[&str]) -> Run {
     let run = kvm_run_once(args);
-    if run.code == 125 && run.stderr.contains("Kernel panic") {
-        let test = std::thread::current()
-            .name()
-            .unwrap_or("a KVM test")
-            .to_string();
-        record_rerun(
-            &test,
-            "L1's kernel panicked (kvm-run exit 125): the nested TCG harness died, not the guest",
-        );
-        eprintln!("{}", run.describe());
-        return kvm_run_once(args);
-    }
-    run
+    let leak = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(L0_LEAK))
+        .map(|l| {
+            l.find("kvm_exit:")
+                .map_or(l, |at| &l[at..])
+                .trim()
+                .to_string()
+        });
+    let why = if run.code == 125 && run.stderr.contains("Kernel panic") {
+        "L1's kernel panicked (kvm-run exit 125): the nested TCG harness died, not the guest"
+            .to_string()
+    } else if let Some(exit) = leak {
+        format!(
+            "L0's TCG SVM emulation put L1's host registers into a guest vCPU \
+             (a KVM exit at a guest rip inside L1's kvm_amd): the nested harness failed, \
+             not the guest [{exit}]"
+        )
+    } else {
+        return run;
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a KVM test")
+        .to_string();
+    record_rerun(&test, &why);
+    eprintln!("{}", run.describe());
+    kvm_run_once(args)
 }
+
+/// What `tests/harness/l0-leak-watch` prints for each KVM exit at a guest
+/// rip inside L1's kvm_amd.
+const L0_LEAK: &str = "l0-leak-watch: L0 leaked L1's host state into a guest";
 
 fn kvm_run_once(args: &[&str]) -> Run {
     let harness = repo_root().join("tests/harness/kvm-run");
+    let watch = repo_root().join("tests/harness/l0-leak-watch");
     let out = Command::new(&harness)
         .args(["--timeout", "600", "--"])
+        .arg(&watch)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", harness.display()));
     let run = Run::from(out);
-    if let Some(mode) = run.stderr.lines().find(|l| l.starts_with("kvm-run: mode=")) {
-        eprintln!("{mode}");
+    for line in run.stderr.lines() {
+        if line.starts_with("kvm-run: mode=") || line.starts_with(L0_LEAK) {
+            eprintln!("{line}");
+        }
     }
     run
 }
