@@ -125,20 +125,11 @@ impl Run {
 /// second failure is never retried.
 pub fn kvm_run(args: &[&str]) -> Run {
     let run = kvm_run_once(args);
-    let leak = run
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix(L0_LEAK))
-        .map(|l| {
-            l.find("kvm_exit:")
-                .map_or(l, |at| &l[at..])
-                .trim()
-                .to_string()
-        });
     let why = if run.code == 125 && run.stderr.contains("Kernel panic") {
         "L1's kernel panicked (kvm-run exit 125): the nested TCG harness died, not the guest"
             .to_string()
-    } else if let Some(exit) = leak {
+    } else if let Some(line) = run.stderr.lines().find_map(|l| l.strip_prefix(L0_LEAK)) {
+        let exit = line.find("kvm_exit:").map_or(line, |at| &line[at..]).trim();
         format!(
             "L0's TCG SVM emulation put L1's host registers into a guest vCPU \
              (a KVM exit at a guest rip inside L1's kvm_amd): the nested harness failed, \
