@@ -109,7 +109,7 @@ bench-boot: deps kernel build-release initramfs
 ## BOOT_RATE_ARGS passes more (e.g. --vmms moat --loads busy).
 boot-rate: deps kernel build-release initramfs guest
 	$(KVM_RUN) --timeout $${TIMEOUT:-10800} -- bash -c 'modprobe vhost_vsock && exec "$$@"' boot-rate \
-		$(TARGET_DIR)/release/boot-rate --vmm $(TARGET_DIR)/release/moat-vmm \
+		tests/harness/l0-leak-watch $(TARGET_DIR)/release/boot-rate --vmm $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--test-initramfs $(TEST_INITRAMFS) --agent-initramfs $(AGENT_INITRAMFS) \
 		--runs $${RUNS:-25} $${BOOT_RATE_ARGS:-}
@@ -120,7 +120,7 @@ boot-rate: deps kernel build-release initramfs guest
 net-crash-rate: deps kernel build-release test-tools
 	tests/guest/build-initramfs.sh $(TARGET_DIR)/moat-guest/net-initramfs.cpio \
 		$(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool >/dev/null
-	$(KVM_RUN) --timeout $${TIMEOUT:-7200} -- tests/harness/net-crash-rate \
+	$(KVM_RUN) --timeout $${TIMEOUT:-7200} -- tests/harness/l0-leak-watch tests/harness/net-crash-rate \
 		$(TARGET_DIR)/release/moat-vmm "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		$(TARGET_DIR)/moat-guest/net-initramfs.cpio $(TARGET_DIR)/release/host-tool $${RUNS:-6}
 
