@@ -172,3 +172,57 @@ fn missing_dev_kvm_is_named() {
         run.describe()
     );
 }
+
+/// The value of `key=` in a trace line of `key=value` words.
+fn trace_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn a_guests_triple_fault_is_reported_with_its_vmcb_state() {
+    // Linux's reboot=t ends the guest with a triple fault on purpose: it
+    // loads an empty IDT and raises int3. moat-vmm must name it, and in
+    // the TCG harness l0-leak-watch must record the shutdown exit and the
+    // VMCB save area at it, the record a crash's diagnosis depends on.
+    let initramfs = test_initramfs("boot-triple-fault");
+    let run = boot(
+        &guest_vmlinux(),
+        &initramfs,
+        &["--memory", "128", "--append", "quiet reboot=t"],
+    );
+    let all = run.describe();
+    assert_eq!(run.code, 0, "{all}");
+    assert!(run.stderr.contains("triple fault (guest reset)"), "{all}");
+    assert!(run.stderr.contains("guest stopped (GuestReset)"), "{all}");
+    if !run.stderr.contains("kvm-run: mode=l1 ") {
+        return; // a real KVM host: the watch is the TCG harness's own
+    }
+    assert!(
+        run.stderr
+            .contains("l0-leak-watch: a guest vCPU triple-faulted (its last exit): "),
+        "the watch did not record the shutdown exit\n{all}"
+    );
+    let vmcb = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("l0-leak-watch: the triple-faulted vCPU's VMCB save area: "))
+        .unwrap_or_else(|| panic!("no VMCB record of the triple fault\n{all}"));
+    // The empty IDT the guest loaded, its kernel code segment, and its own
+    // page tables inside its 128 MiB: the probe reads the guest's state.
+    assert_eq!(trace_field(vmcb, "idt_limit"), Some("0x0"), "{vmcb}");
+    assert_eq!(trace_field(vmcb, "idt"), Some("0x0"), "{vmcb}");
+    assert_eq!(trace_field(vmcb, "cs"), Some("0x10"), "{vmcb}");
+    let cr3 = trace_field(vmcb, "cr3")
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no cr3 in {vmcb}"));
+    assert!(
+        cr3 > 0 && cr3 < 128 << 20,
+        "cr3 {cr3:#x} outside the guest: {vmcb}"
+    );
+    let rip = trace_field(vmcb, "rip").unwrap_or_default();
+    assert!(
+        rip.starts_with("0xffffffff8"),
+        "rip {rip} not in guest kernel text: {vmcb}"
+    );
+}
