@@ -26,6 +26,7 @@ if [ "${moat_mode:-report}" = report ]; then
   echo "MOAT_GUEST cmdline: $(cat /proc/cmdline)"
   echo "MOAT_GUEST vcpus: $(grep -c '^processor' /proc/cpuinfo)"
   echo "MOAT_GUEST cpus online: $(cat /sys/devices/system/cpu/online)"
+  echo "MOAT_GUEST cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)"
   echo "MOAT_GUEST memtotal_kib: $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
   dmesg | grep -o 'BIOS-e820: .*usable' | sed 's/^/MOAT_GUEST /'
   echo "MOAT_GUEST clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
