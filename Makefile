@@ -117,6 +117,8 @@ boot-rate: deps kernel build-release initramfs guest
 ## net-crash-rate: how many guests crash or stall under network load
 ## (256 MiB each way over TCP), moat-vmm against QEMU microvm with
 ## vhost-net in one L1, RUNS runs of each (default 6), alternating.
+## NCR_VMMS=moat runs only moat-vmm; NCR_COMPACT_EVERY=S compacts L1's
+## memory every S seconds; MOAT_HARNESS_NPT=1 puts L1's KVM on nested paging.
 net-crash-rate: deps kernel build-release test-tools
 	tests/guest/build-initramfs.sh $(TARGET_DIR)/moat-guest/net-initramfs.cpio \
 		$(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool >/dev/null
