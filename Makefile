@@ -19,7 +19,7 @@ AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
-	harness-test test-tools kvm-test bench-boot bench-devices bench-agent boot-rate \
+	harness-test test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
 	net-crash-rate
 
 ## demo: build everything, boot a pod microVM and run a container in it
@@ -73,8 +73,13 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+## virtiofsd: the pinned virtio-fs daemon (crates.io), built once with
+## `cargo install --locked` into /var/cache/moat/virtiofsd/, outside the clone.
+virtiofsd:
+	tests/harness/install-virtiofsd
+
 # Host tests: everything but the KVM boots.
-unit-test:
+unit-test: virtiofsd
 	cargo test --workspace --lib --bins
 	cargo test -p moat-vmm --test bad_config
 	cargo test -p moat-agent --test host
@@ -92,10 +97,11 @@ test-tools:
 		--release --target x86_64-unknown-linux-gnu
 
 # KVM boots go through the harness one at a time: each starts its own L1.
-kvm-test: test-tools guest
-	cargo test --release -p moat-vmm --test boot --test virtio --test agent -- --test-threads=1
+kvm-test: test-tools guest virtiofsd
+	cargo test --release -p moat-vmm --test boot --test virtio --test fs --test agent -- --test-threads=1
 
-## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS.
+## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS, and
+## moat-vmm with memfd guest RAM (--shared-memory) beside them.
 bench-boot: deps kernel build-release initramfs
 	$(KVM_RUN) -- $(TARGET_DIR)/release/bench-boot \
 		--vmm $(TARGET_DIR)/release/moat-vmm \
@@ -135,6 +141,22 @@ bench-devices: deps kernel build-release test-tools
 		--vmm $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--initramfs $(TARGET_DIR)/moat-guest/bench-initramfs.cpio --runs $${RUNS:-3}
+
+## bench-fs: virtio-fs, moat-vmm against QEMU microvm's vhost-user-fs-device
+## with the same virtiofsd, tree and kernel (RUNS of each, default 3); ext4
+## on moat's virtio-blk in the same guest as the reference; then moat-vmm
+## under other virtiofsd cache modes and thread pools. L1 idles by polling:
+## see tests/harness/README.md ("L1 vCPUs left halted").
+bench-fs: deps kernel build-release test-tools virtiofsd
+	tests/guest/build-initramfs.sh $(TARGET_DIR)/moat-guest/bench-fs-initramfs.cpio \
+		$(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool >/dev/null
+	MOAT_HARNESS_KERNEL_ARGS="$${MOAT_HARNESS_KERNEL_ARGS:-} idle=poll" \
+	$(KVM_RUN) --timeout $${TIMEOUT:-7200} -- $(TARGET_DIR)/release/bench-fs \
+		--vmm $(TARGET_DIR)/release/moat-vmm \
+		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
+		--initramfs $(TARGET_DIR)/moat-guest/bench-fs-initramfs.cpio \
+		--guest-tool $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool \
+		--virtiofsd "$$(tests/harness/install-virtiofsd | tail -n1)" --runs $${RUNS:-3}
 
 ## bench-agent: moat-agent's container lifecycle against runc on this
 ## host (create, start, exit, delete of `true`), as a ratio.

@@ -12,7 +12,10 @@
 #     moat_vsock_mib MiB (default 256) bulk transfers; net gives eth0
 #     10.0.2.2/24, pings the host at 10.0.2.1 and moves moat_net_mib MiB
 #     (default 256) over TCP each way (see vmm/tests/virtio.rs); devbench
-#     runs the guest half of bench-devices (tests/src/bin/bench-devices.rs)
+#     runs the guest half of bench-devices (tests/src/bin/bench-devices.rs);
+#     fs mounts the virtio-fs share tagged moat_fs_ctl (default ctl) at
+#     /ctl and runs the scenario's guest half from it, /ctl/guest.sh (see
+#     vmm/tests/fs.rs and tests/src/bin/bench-fs.rs)
 #   moat_exit=reboot (default) | poweroff
 echo "MOAT_GUEST init started"
 /bin/busybox mkdir -p /proc /sys /dev /bin /sbin /usr/bin /usr/sbin
@@ -98,6 +101,15 @@ case "${moat_mode:-report}" in
     guest-tool send 6000 "$bulk" 42
     guest-tool tcp-sink 7001
     guest-tool tcp-send 10.0.2.1:7000 "$bulk" 42
+    ;;
+  fs)
+    mkdir -p /ctl /tmp
+    mount -t tmpfs tmpfs /tmp
+    if mount -t virtiofs "${moat_fs_ctl:-ctl}" /ctl; then
+      sh /ctl/guest.sh
+    else
+      echo "MOAT_GUEST fs: cannot mount the control share ${moat_fs_ctl:-ctl}"
+    fi
     ;;
 esac
 

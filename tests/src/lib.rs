@@ -8,5 +8,6 @@
 
 pub mod af_vsock;
 pub mod agent_suite;
+pub mod fs_tree;
 pub mod measure;
 pub mod stream_check;

@@ -30,6 +30,7 @@ use crate::devices::legacy::serial::{
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use crate::devices::virtio::block::{Block, Disk};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
@@ -374,6 +375,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Build
             .map_err(|e| BuildError::Device(e.to_string()))?;
         devices.push(Box::new(device));
     }
+    for share in &config.fs {
+        let device = Fs::connect(share).map_err(|e| BuildError::Device(e.to_string()))?;
+        devices.push(Box::new(device));
+    }
     Ok(devices)
 }
 
@@ -390,7 +395,11 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
     let devices = virtio_devices(config)?;
     let kvm = vm::open_kvm()?;
     let mem_size = config.memory_mib << 20;
-    let guest_memory = memory::create_guest_memory(mem_size)?;
+    let guest_memory = if config.shared_memory {
+        memory::create_shared_guest_memory(mem_size)?
+    } else {
+        memory::create_guest_memory(mem_size)?
+    };
     let vm = vm::create_vm(&kvm)?;
     memory::register_guest_memory(&vm, &guest_memory)?;
 
@@ -400,6 +409,7 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         None => None,
     };
     let (mmio_bus, device_args, transports) = attach_virtio_devices(&vm, &guest_memory, devices)?;
+    let shutdown_transports = transports.clone();
     // The vCPU threads' IDs, once they run: the report kicks them.
     let vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>> = Arc::default();
     let report_vcpus = vcpu_threads.clone();
@@ -483,6 +493,12 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         .unwrap_or_else(|p| p.into_inner())
         .clear();
     let stuck_vcpus = vcpu::stop_vcpus(threads);
+    for transport in &shutdown_transports {
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
+    }
     let boot_time = *boot_time.lock().unwrap_or_else(|p| p.into_inner());
     Ok(VmOutcome {
         reason,

@@ -130,6 +130,31 @@ pub enum ConfigError {
     /// An unknown serial output.
     #[error("serial output {0:?} is not one of stdout, none, file:PATH")]
     SerialOutput(String),
+    /// A virtio-fs description that cannot be parsed.
+    #[error("virtio-fs {0:?}: expected tag=TAG,socket=PATH[,queues=N][,queue_size=N]")]
+    FsSyntax(String),
+    /// A virtio-fs tag that is empty, too long or not printable.
+    #[error("virtio-fs tag {0:?} must be 1 to {FS_TAG_MAX_LEN} bytes of printable ASCII without commas or spaces")]
+    FsTag(String),
+    /// Two virtio-fs devices with the same tag.
+    #[error("virtio-fs tag {0:?} is used twice")]
+    DuplicateFsTag(String),
+    /// A request queue count outside what moat-vmm serves.
+    #[error("virtio-fs {tag:?}: queues = {queues}: a share has 1 to {FS_MAX_REQUEST_QUEUES} request queues")]
+    FsQueues {
+        /// The share's tag.
+        tag: String,
+        /// The count asked for.
+        queues: u64,
+    },
+    /// A queue size that is not a power of two in range.
+    #[error("virtio-fs {tag:?}: queue_size = {size}: expected a power of two from 2 to {FS_MAX_QUEUE_SIZE}")]
+    FsQueueSize {
+        /// The share's tag.
+        tag: String,
+        /// The size asked for.
+        size: u64,
+    },
 }
 
 /// Where the guest's serial console goes.
@@ -335,6 +360,105 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// The longest virtio-fs tag: the size of the tag field in the device's
+/// configuration space (virtio 1.2 §5.11.4).
+pub const FS_TAG_MAX_LEN: usize = 36;
+/// The most request queues one share may have.
+pub const FS_MAX_REQUEST_QUEUES: u64 = 16;
+/// The largest queue size a share may ask for (virtiofsd's own limit).
+pub const FS_MAX_QUEUE_SIZE: u64 = 1024;
+/// The request queue size when none is given.
+pub const FS_DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+/// A virtio-fs share: a vhost-user-fs backend (virtiofsd) listening on a
+/// Unix socket, mounted in the guest as `mount -t virtiofs TAG DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The tag the guest mounts the share by.
+    pub tag: String,
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+    /// Request queues (besides the high-priority queue); 1 by default.
+    #[serde(default = "default_fs_queues")]
+    pub queues: u64,
+    /// Size of each queue; 1024 by default.
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u64,
+}
+
+fn default_fs_queues() -> u64 {
+    1
+}
+
+fn default_fs_queue_size() -> u64 {
+    u64::from(FS_DEFAULT_QUEUE_SIZE)
+}
+
+impl FromStr for FsConfig {
+    type Err = ConfigError;
+
+    /// Parses `tag=TAG,socket=PATH[,queues=N][,queue_size=N]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::FsSyntax(s.to_string());
+        let (mut tag, mut socket, mut queues, mut queue_size) = (None, None, None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tag", v)) if tag.is_none() => tag = Some(v.to_string()),
+                Some(("socket", v)) if socket.is_none() && !v.is_empty() => {
+                    socket = Some(PathBuf::from(v))
+                }
+                Some(("queues", v)) if queues.is_none() => {
+                    queues = Some(v.parse::<u64>().map_err(|_| bad())?)
+                }
+                Some(("queue_size", v)) if queue_size.is_none() => {
+                    queue_size = Some(v.parse::<u64>().map_err(|_| bad())?)
+                }
+                _ => return Err(bad()),
+            }
+        }
+        match (tag, socket) {
+            (Some(tag), Some(socket)) => Ok(FsConfig {
+                tag,
+                socket,
+                queues: queues.unwrap_or_else(default_fs_queues),
+                queue_size: queue_size.unwrap_or_else(default_fs_queue_size),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+fn check_fs(shares: &[FsConfig]) -> Result<(), ConfigError> {
+    let mut tags = std::collections::HashSet::new();
+    for share in shares {
+        let tag = &share.tag;
+        if tag.is_empty()
+            || tag.len() > FS_TAG_MAX_LEN
+            || !tag.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b',')
+        {
+            return Err(ConfigError::FsTag(tag.clone()));
+        }
+        if !tags.insert(tag.as_str()) {
+            return Err(ConfigError::DuplicateFsTag(tag.clone()));
+        }
+        if !(1..=FS_MAX_REQUEST_QUEUES).contains(&share.queues) {
+            return Err(ConfigError::FsQueues {
+                tag: tag.clone(),
+                queues: share.queues,
+            });
+        }
+        let size = share.queue_size;
+        if !(2..=FS_MAX_QUEUE_SIZE).contains(&size) || !size.is_power_of_two() {
+            return Err(ConfigError::FsQueueSize {
+                tag: tag.clone(),
+                size,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
     if !(3..=u64::from(u32::MAX - 1)).contains(&vsock.cid) {
         return Err(ConfigError::VsockCid(vsock.cid));
@@ -380,6 +504,11 @@ pub struct ConfigLayer {
     pub nets: Option<Vec<NetConfig>>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares, each served by a vhost-user-fs backend.
+    pub fs: Option<Vec<FsConfig>>,
+    /// Whether guest RAM comes from a memfd mapped shared even without a
+    /// virtio-fs share (a vhost-user backend needs it to map guest RAM).
+    pub shared_memory: Option<bool>,
 }
 
 impl ConfigLayer {
@@ -409,6 +538,8 @@ impl ConfigLayer {
             blocks: over.blocks.or(self.blocks),
             nets: over.nets.or(self.nets),
             vsock: over.vsock.or(self.vsock),
+            fs: over.fs.or(self.fs),
+            shared_memory: over.shared_memory.or(self.shared_memory),
         }
     }
 
@@ -452,6 +583,9 @@ impl ConfigLayer {
         if let Some(vsock) = &self.vsock {
             check_vsock(vsock)?;
         }
+        let fs = self.fs.unwrap_or_default();
+        check_fs(&fs)?;
+        let shared_memory = self.shared_memory.unwrap_or(false) || !fs.is_empty();
         Ok(VmConfig {
             kernel,
             initramfs: self.initramfs,
@@ -463,6 +597,8 @@ impl ConfigLayer {
             blocks,
             nets,
             vsock: self.vsock,
+            fs,
+            shared_memory,
         })
     }
 }
@@ -522,6 +658,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares, in guest order.
+    pub fs: Vec<FsConfig>,
+    /// Whether guest RAM is a memfd mapped shared (always with `fs`).
+    pub shared_memory: bool,
 }
 
 /// This host's RAM in MiB, from `/proc/meminfo` (0 if it cannot be read,
@@ -794,6 +934,76 @@ mod tests {
         let json = r#"{"kernel": "/k", "blocks": [{"id": "data", "path": "/d.img"}]}"#;
         let layer: ConfigLayer = serde_json::from_str(json).unwrap();
         assert!(!layer.blocks.unwrap()[0].readonly, "read-write by default");
+    }
+
+    #[test]
+    fn fs_shares_parse_and_are_checked() {
+        let share: FsConfig = "tag=pod,socket=/run/fs.sock,queues=2,queue_size=512"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            share,
+            FsConfig {
+                tag: "pod".into(),
+                socket: "/run/fs.sock".into(),
+                queues: 2,
+                queue_size: 512
+            }
+        );
+        let plain: FsConfig = "tag=a,socket=/s".parse().unwrap();
+        assert_eq!((plain.queues, plain.queue_size), (1, 1024));
+        for bad in [
+            "socket=/s",
+            "tag=a",
+            "tag=a,socket=",
+            "tag=a,socket=/s,queues=x",
+            "tag=a,socket=/s,cache=auto",
+            "tag=a,tag=b,socket=/s",
+        ] {
+            let err = bad.parse::<FsConfig>().unwrap_err();
+            assert!(err.to_string().contains("expected tag=TAG"), "{bad}: {err}");
+        }
+        let resolve = |shares: Vec<FsConfig>| {
+            ConfigLayer {
+                fs: Some(shares),
+                ..layer()
+            }
+            .resolve(HOST_MIB)
+        };
+        let cfg = resolve(vec![plain.clone()]).unwrap();
+        assert!(cfg.shared_memory, "a share implies shared guest memory");
+        let err = resolve(vec![plain.clone(), plain.clone()]).unwrap_err();
+        assert_eq!(err.to_string(), "virtio-fs tag \"a\" is used twice");
+        for tag in [String::new(), "x".repeat(37), "a b".into()] {
+            let err = resolve(vec![FsConfig {
+                tag: tag.clone(),
+                ..plain.clone()
+            }])
+            .unwrap_err();
+            assert!(err.to_string().contains("1 to 36 bytes"), "{tag:?}: {err}");
+        }
+        assert!(resolve(vec![FsConfig {
+            tag: "x".repeat(36),
+            ..plain.clone()
+        }])
+        .is_ok());
+        for (queues, queue_size) in [(0, 1024), (17, 1024), (1, 1000), (1, 2048), (1, 1)] {
+            let err = resolve(vec![FsConfig {
+                queues,
+                queue_size,
+                ..plain.clone()
+            }])
+            .unwrap_err();
+            assert!(err.to_string().contains("virtio-fs \"a\""), "{err}");
+        }
+        let json = r#"{"kernel": "/k", "fs": [{"tag": "pod", "socket": "/s"}]}"#;
+        let layer: ConfigLayer = serde_json::from_str(json).unwrap();
+        assert_eq!(layer.fs.unwrap()[0].queues, 1);
+        assert!(!layer_shared_by_default());
+    }
+
+    fn layer_shared_by_default() -> bool {
+        layer().resolve(HOST_MIB).unwrap().shared_memory
     }
 
     #[test]

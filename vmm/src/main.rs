@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use moat_vmm::builder::run_vm;
-use moat_vmm::config::{host_memory_mib, BlockConfig, ConfigLayer, NetConfig, VsockConfig};
+use moat_vmm::config::{
+    host_memory_mib, BlockConfig, ConfigLayer, FsConfig, NetConfig, VsockConfig,
+};
 
 /// Boot a Linux kernel in a KVM microVM.
 #[derive(Debug, Parser)]
@@ -53,6 +55,14 @@ struct Cli {
     /// SOCKET_P).
     #[arg(long, value_name = "SPEC")]
     vsock: Option<VsockConfig>,
+    /// Add a virtio-fs share served by a vhost-user-fs backend such as
+    /// virtiofsd: tag=TAG,socket=PATH[,queues=N][,queue_size=N]
+    /// (repeatable; the guest mounts it with `mount -t virtiofs TAG DIR`).
+    #[arg(long, value_name = "SPEC")]
+    fs: Vec<FsConfig>,
+    /// Back guest RAM with a memfd mapped shared (implied by --fs).
+    #[arg(long)]
+    shared_memory: bool,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +94,8 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
         blocks: (!cli.block.is_empty()).then_some(cli.block),
         nets: (!cli.net.is_empty()).then_some(cli.net),
         vsock: cli.vsock,
+        fs: (!cli.fs.is_empty()).then_some(cli.fs),
+        shared_memory: cli.shared_memory.then_some(true),
     };
     let config = file_layer
         .overridden_by(flags_layer)

@@ -178,3 +178,105 @@ fn bad_network_devices_are_named_before_kvm_is_opened() {
         run.stderr
     );
 }
+
+#[test]
+fn bad_virtio_fs_shares_are_named() {
+    let kernel = temp_path("fs-kernel");
+    std::fs::write(&kernel, b"x").unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let long_tag = format!("tag={},socket=/s", "t".repeat(37));
+    for (spec, expected) in [
+        ("tag=,socket=/s", "virtio-fs tag \"\" must be 1 to 36 bytes"),
+        (long_tag.as_str(), "must be 1 to 36 bytes"),
+        (
+            "tag=a,socket=/s,queues=0",
+            "queues = 0: a share has 1 to 16",
+        ),
+        (
+            "tag=a,socket=/s,queue_size=100",
+            "queue_size = 100: expected a power of two",
+        ),
+    ] {
+        let run = refused(&["--kernel", kernel, "--fs", spec]);
+        assert!(run.stderr.contains(expected), "{spec}: {}", run.stderr);
+    }
+    let run = refused(&[
+        "--kernel",
+        kernel,
+        "--fs",
+        "tag=pod,socket=/a",
+        "--fs",
+        "tag=pod,socket=/b",
+    ]);
+    assert!(
+        run.stderr.contains("virtio-fs tag \"pod\" is used twice"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A real kernel image path is needed for the device stage, which comes
+/// after the kernel's format check; any ELF file passes that check.
+fn elf_file() -> String {
+    std::fs::canonicalize("/proc/self/exe")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn virtio_fs_backend_that_is_absent_or_mute_is_refused_within_5_s() {
+    let kernel = elf_file();
+    let missing = temp_path("no-such-fs.sock");
+    let _ = std::fs::remove_file(&missing);
+    let spec = format!("tag=pod,socket={}", missing.display());
+    let run = refused(&["--kernel", &kernel, "--fs", &spec]);
+    assert!(
+        run.stderr
+            .contains("virtio-fs \"pod\": cannot connect to the backend's socket"),
+        "{}",
+        run.stderr
+    );
+    // A listener that accepts (the backlog does) but never answers.
+    let mute = temp_path("mute-fs.sock");
+    let _ = std::fs::remove_file(&mute);
+    let _listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    let spec = format!("tag=pod,socket={}", mute.display());
+    let run = refused(&["--kernel", &kernel, "--fs", &spec]);
+    assert!(
+        run.stderr
+            .contains("did not answer GET_FEATURES within 4 s"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn virtio_fs_asking_virtiofsd_for_more_queues_than_it_serves_is_refused() {
+    let dir = temp_path("fs-queues");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("share")).unwrap();
+    let socket = dir.join("fs.sock");
+    let mut daemon = std::process::Command::new(common::virtiofsd())
+        .arg("--shared-dir")
+        .arg(dir.join("share"))
+        .arg("--socket-path")
+        .arg(&socket)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("virtiofsd starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spec = format!("tag=pod,socket={},queues=2", socket.display());
+    let run = refused(&["--kernel", &elf_file(), "--fs", &spec]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        run.stderr
+            .contains("serves 1 request queue(s); 2 were asked for"),
+        "{}",
+        run.stderr
+    );
+}

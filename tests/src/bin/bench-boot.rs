@@ -1,7 +1,9 @@
 //! bench-boot: time from VMM start to the guest's init, moat-vmm against
 //! QEMU's microvm machine on the same KVM, kernel, initramfs and command
 //! line, runs interleaved so that drift hits both alike. Also compares the
-//! peak RSS of the two VMM processes. Run it on a KVM host, e.g. through
+//! peak RSS of the two VMM processes. A third VM in every round is
+//! moat-vmm with its guest RAM in a memfd mapped shared (`--shared-memory`,
+//! what every `--fs` share implies), to show what that costs. Run it on a KVM host, e.g. through
 //! `tests/harness/kvm-run` (`make bench-boot` does).
 
 use std::path::PathBuf;
@@ -55,6 +57,12 @@ fn moat_command(args: &Args) -> Command {
     cmd
 }
 
+fn moat_shared_memory_command(args: &Args) -> Command {
+    let mut cmd = moat_command(args);
+    cmd.arg("--shared-memory");
+    cmd
+}
+
 fn qemu_command(args: &Args) -> Command {
     let mut cmd = Command::new(&args.qemu);
     cmd.args([
@@ -103,37 +111,44 @@ fn main() -> ExitCode {
     println!("runs: {} of each, interleaved", args.runs);
     println!();
     println!(
-        "{:>3}  {:>12} {:>12}  {:>13} {:>13}  {:>12} {:>12}",
+        "{:>3}  {:>12} {:>12}  {:>13} {:>13}  {:>12} {:>12}  {:>12} {:>12}",
         "run",
         "moat_init_ms",
         "qemu_init_ms",
         "moat_total_ms",
         "qemu_total_ms",
         "moat_rss_kib",
-        "qemu_rss_kib"
+        "qemu_rss_kib",
+        "memfd_init_ms",
+        "memfd_rss_kib"
     );
 
     let mut moat: Vec<RunSample> = Vec::new();
     let mut qemu: Vec<RunSample> = Vec::new();
+    let mut memfd: Vec<RunSample> = Vec::new();
     for run in 1..=args.runs {
         let m = run_to_marker(moat_command(&args), INIT_MARKER, RUN_TIMEOUT);
         let q = run_to_marker(qemu_command(&args), INIT_MARKER, RUN_TIMEOUT);
-        match (m, q) {
-            (Ok(m), Ok(q)) => {
+        let f = run_to_marker(moat_shared_memory_command(&args), INIT_MARKER, RUN_TIMEOUT);
+        match (m, q, f) {
+            (Ok(m), Ok(q), Ok(f)) => {
                 println!(
-                    "{run:>3}  {:>12.0} {:>12.0}  {:>13.0} {:>13.0}  {:>12} {:>12}",
+                    "{run:>3}  {:>12.0} {:>12.0}  {:>13.0} {:>13.0}  {:>12} {:>12}  {:>12.0} {:>12}",
                     ms(m.to_marker),
                     ms(q.to_marker),
                     ms(m.total),
                     ms(q.total),
                     m.max_rss_kib,
-                    q.max_rss_kib
+                    q.max_rss_kib,
+                    ms(f.to_marker),
+                    f.max_rss_kib
                 );
                 moat.push(m);
                 qemu.push(q);
+                memfd.push(f);
             }
-            (m, q) => {
-                for err in [m.err(), q.err()].into_iter().flatten() {
+            (m, q, f) => {
+                for err in [m.err(), q.err(), f.err()].into_iter().flatten() {
                     eprintln!("bench-boot: run {run} failed: {err}");
                 }
                 return ExitCode::FAILURE;
@@ -171,6 +186,18 @@ fn main() -> ExitCode {
         rss.0 / 1024.0,
         rss.1 / 1024.0,
         rss.0 / rss.1
+    );
+    let memfd_init = med(&memfd, |s| ms(s.to_marker));
+    let memfd_rss = med(&memfd, |s| s.max_rss_kib as f64);
+    println!(
+        "memfd guest RAM (--shared-memory, implied by --fs): guest init {:.0} ms vs {:.0} ms private, \
+         ratio {:.2}; peak RSS {:.1} MiB vs {:.1} MiB, ratio {:.2}",
+        memfd_init,
+        init.0,
+        memfd_init / init.0,
+        memfd_rss / 1024.0,
+        rss.0 / 1024.0,
+        memfd_rss / rss.0
     );
     ExitCode::SUCCESS
 }

@@ -13,6 +13,12 @@
 //!   guest-tool blk-bench DEV MIB SECONDS  direct-I/O sequential write and
 //!                                         read of MIB MiB, then 4 KiB random
 //!                                         reads (one at a time) for SECONDS
+//!   guest-tool fs-make-tree DIR            build the virtio-fs scenarios' tree
+//!                                         (on the host; see moat_tests::fs_tree)
+//!   guest-tool fs-manifest DIR             print the manifest of the tree in DIR
+//!   guest-tool fs-make-wide DIR ENTRIES    the metadata tree of bench-fs
+//!   guest-tool fs-bench LABEL DIR WIDE MIB SECONDS
+//!                                         bench-fs's file system figures
 
 use std::io;
 use std::process::ExitCode;
@@ -65,6 +71,42 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut rest = Vec::new();
             let _ = io::Read::read_to_end(&mut conn, &mut rest);
             println!("MOAT_GUEST tcp send: {bytes} bytes sha256 {hash}");
+            return Ok(());
+        }
+        "fs-make-tree" => {
+            let dir: String = arg(args, 1, "DIR")?;
+            return moat_tests::fs_tree::make_tree(std::path::Path::new(&dir))
+                .map_err(io_err("fs-make-tree"));
+        }
+        "fs-manifest" => {
+            let dir: String = arg(args, 1, "DIR")?;
+            let text = moat_tests::fs_tree::manifest(std::path::Path::new(&dir))
+                .map_err(io_err("fs-manifest"))?;
+            print!("{text}");
+            return Ok(());
+        }
+        "fs-make-wide" => {
+            let dir: String = arg(args, 1, "DIR")?;
+            let entries: usize = arg(args, 2, "ENTRIES")?;
+            return moat_tests::fs_tree::make_wide_tree(std::path::Path::new(&dir), entries)
+                .map_err(io_err("fs-make-wide"));
+        }
+        "fs-bench" => {
+            let label: String = arg(args, 1, "LABEL")?;
+            let dir: String = arg(args, 2, "DIR")?;
+            let wide: String = arg(args, 3, "WIDE")?;
+            let mib: u64 = arg(args, 4, "MIB")?;
+            let seconds: u64 = arg(args, 5, "SECONDS")?;
+            let figures = moat_tests::fs_tree::bench(
+                std::path::Path::new(&dir),
+                std::path::Path::new(&wide),
+                mib,
+                seconds,
+            )
+            .map_err(io_err("fs-bench"))?;
+            for (name, value) in figures {
+                println!("MOAT_GUEST fsbench {label} {name}: {value:.2}");
+            }
             return Ok(());
         }
         "blk-bench" => {

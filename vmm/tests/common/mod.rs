@@ -220,3 +220,9 @@ pub fn test_initramfs_with(name: &str, extra: &[&Path]) -> PathBuf {
     args.extend(extra.iter().map(|p| p.to_str().expect("utf-8 path")));
     last_line_of(&repo_root().join("tests/guest/build-initramfs.sh"), &args)
 }
+
+/// The pinned virtiofsd, installed once into a cache outside the clone by
+/// `tests/harness/install-virtiofsd`.
+pub fn virtiofsd() -> PathBuf {
+    last_line_of(&repo_root().join("tests/harness/install-virtiofsd"), &[])
+}

@@ -120,6 +120,16 @@ impl MmioTransport {
         &self.queue_events
     }
 
+    /// Stops the device as the VMM exits (after the vCPUs have stopped),
+    /// so that a backend learns of it from the device, not from a vanished
+    /// peer.
+    pub fn shutdown(&mut self) {
+        if self.activated {
+            self.device.shutdown();
+            self.activated = false;
+        }
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status

@@ -11,6 +11,7 @@
 //! status or by dropping it, never with a panic.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -56,6 +57,10 @@ pub const INT_CONFIG: u32 = 2;
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
+    /// Bits that read as set whatever the driver acknowledges: a vhost-user
+    /// backend writes the irqfd itself, so nothing in the VMM can set the
+    /// used-ring bit as its interrupts arrive.
+    sticky: AtomicU32,
     irqfd: EventFd,
     /// How many times the device raised the IRQ, for state reports.
     raised: AtomicU64,
@@ -66,6 +71,7 @@ impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
+            sticky: AtomicU32::new(0),
             irqfd,
             raised: AtomicU64::new(0),
         }
@@ -91,7 +97,13 @@ impl Interrupt {
 
     /// The interrupt status register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.status.load(Ordering::SeqCst) | self.sticky.load(Ordering::SeqCst)
+    }
+
+    /// Makes `bits` read as set until changed again (0 clears them), for
+    /// devices whose backend raises the irqfd directly.
+    pub fn set_sticky(&self, bits: u32) {
+        self.sticky.store(bits, Ordering::SeqCst);
     }
 
     /// How many times the IRQ was raised since the VM started.
@@ -106,6 +118,7 @@ impl Interrupt {
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.sticky.store(0, Ordering::SeqCst);
     }
 }
 
@@ -172,6 +185,11 @@ pub trait VirtioDevice: Send {
     /// one line, for the VMM's state report; empty by default.
     fn describe(&self) -> String {
         String::new()
+    }
+    /// The VMM is stopping: tell whatever serves the device (a vhost-user
+    /// backend) and stop. By default the same as a driver reset.
+    fn shutdown(&mut self) {
+        self.reset();
     }
 }
 

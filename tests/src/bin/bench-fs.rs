@@ -1,0 +1,479 @@
+//! bench-fs: virtio-fs throughput and metadata speed, moat-vmm against
+//! QEMU's microvm machine with `vhost-user-fs-device`, side by side in one
+//! run: the same virtiofsd binary and options, the same shared tree, the
+//! same kernel and initramfs, 2 vCPUs and 512 MiB each, runs interleaved
+//! so that drift hits both alike. The same operations on an ext4 image
+//! over moat's virtio-blk, in the same moat guest, are the reference.
+//! Then moat-vmm alone under other virtiofsd settings (`--cache`,
+//! `--thread-pool-size`), to say which is fastest.
+//!
+//! The guest (test init, `moat_mode=fs`) runs `guest-tool fs-bench` from
+//! the share (see `moat_tests::fs_tree::bench`). Run it on a KVM host,
+//! e.g. through `tests/harness/kvm-run` (`make bench-fs` does).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use moat_tests::measure::median;
+
+const WORK_DIR: &str = "/tmp/moat-bench-fs";
+/// moat-vmm's default command line with `reboot=t`, which both VMMs end
+/// on (QEMU's microvm has no i8042), and the test init's fs mode.
+const CMDLINE: &str = "console=ttyS0 reboot=t panic=1 pci=off nomodule i8042.noaux i8042.nomux \
+                       i8042.nopnp i8042.dumbkbd quiet moat_mode=fs";
+const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+const MEMORY_MIB: &str = "512";
+/// Entries of the tree the metadata walk stats.
+const WIDE_ENTRIES: usize = 10_000;
+
+/// The figures, in the order `guest-tool fs-bench` prints them.
+const METRICS: [&str; 5] = [
+    "seq-write MiB/s",
+    "seq-read MiB/s",
+    "4k rand-read IOPS",
+    "create+stat+unlink ops/s",
+    "find+stat s",
+];
+
+/// virtio-fs benchmark: moat-vmm against QEMU microvm.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The moat-vmm binary.
+    #[arg(long)]
+    vmm: PathBuf,
+    /// The guest kernel (ELF vmlinux with a PVH note, so QEMU boots it too).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// The test initramfs, with guest-tool in it.
+    #[arg(long)]
+    initramfs: PathBuf,
+    /// The guest-tool binary (static; it builds the trees on the host too).
+    #[arg(long)]
+    guest_tool: PathBuf,
+    /// The virtiofsd binary.
+    #[arg(long)]
+    virtiofsd: PathBuf,
+    /// Runs of each VMM in the side-by-side comparison.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Runs of each other virtiofsd setting (moat-vmm only).
+    #[arg(long, default_value_t = 1)]
+    setting_runs: usize,
+    /// Size of the sequentially written and read file, in MiB.
+    #[arg(long, default_value_t = 256)]
+    file_mib: u64,
+    /// Seconds of 4 KiB random reads.
+    #[arg(long, default_value_t = 5)]
+    rand_secs: u64,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Moat,
+    Qemu,
+}
+
+/// virtiofsd's settings for one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Setting {
+    cache: &'static str,
+    threads: u32,
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--cache={} --thread-pool-size={}",
+            self.cache, self.threads
+        )
+    }
+}
+
+/// virtiofsd's own defaults.
+const DEFAULT_SETTING: Setting = Setting {
+    cache: "auto",
+    threads: 0,
+};
+const OTHER_SETTINGS: [Setting; 3] = [
+    Setting {
+        cache: "never",
+        threads: 0,
+    },
+    Setting {
+        cache: "auto",
+        threads: 4,
+    },
+    Setting {
+        cache: "never",
+        threads: 4,
+    },
+];
+
+fn sh(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+fn work(name: &str) -> PathBuf {
+    Path::new(WORK_DIR).join(name)
+}
+
+/// The share (with the guest's script and the metadata tree) and the ext4
+/// image holding the same tree.
+fn set_up(args: &Args) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(WORK_DIR);
+    let share = work("share");
+    std::fs::create_dir_all(share.join("scratch")).map_err(|e| format!("{WORK_DIR}: {e}"))?;
+    let tool = args.guest_tool.to_str().ok_or("guest-tool path")?;
+    let wide = share.join("wide");
+    sh(
+        tool,
+        &[
+            "fs-make-wide",
+            wide.to_str().ok_or("path")?,
+            &WIDE_ENTRIES.to_string(),
+        ],
+    )?;
+    let script = format!(
+        "guest-tool fs-bench virtiofs /ctl/scratch /ctl/wide {mib} {secs}\n\
+         if [ -b /dev/vda ]; then\n\
+           mkdir -p /blk && mount -t ext4 /dev/vda /blk && mkdir -p /blk/scratch &&\n\
+           guest-tool fs-bench ext4 /blk/scratch /blk/wide {mib} {secs}\n\
+           umount /blk\n\
+         fi\n",
+        mib = args.file_mib,
+        secs = args.rand_secs
+    );
+    std::fs::write(share.join("guest.sh"), script).map_err(|e| format!("guest.sh: {e}"))?;
+    let image = work("ext4.img");
+    let size = format!("{}M", args.file_mib * 2 + 512);
+    let populate = work("ext4-root");
+    std::fs::create_dir_all(&populate).map_err(|e| format!("ext4 root: {e}"))?;
+    sh(
+        "cp",
+        &[
+            "-a",
+            wide.to_str().ok_or("path")?,
+            populate.to_str().ok_or("path")?,
+        ],
+    )?;
+    sh(
+        "mkfs.ext4",
+        &[
+            "-F",
+            "-q",
+            "-d",
+            populate.to_str().ok_or("path")?,
+            image.to_str().ok_or("path")?,
+            &size,
+        ],
+    )
+}
+
+fn socket() -> PathBuf {
+    work("fs.sock")
+}
+
+/// Starts virtiofsd on the share and waits for its socket.
+fn start_virtiofsd(args: &Args, setting: Setting) -> Result<Child, String> {
+    let _ = std::fs::remove_file(socket());
+    let mut child = Command::new(&args.virtiofsd)
+        .arg("--shared-dir")
+        .arg(work("share"))
+        .arg("--socket-path")
+        .arg(socket())
+        .arg(format!("--cache={}", setting.cache))
+        .arg(format!("--thread-pool-size={}", setting.threads))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start virtiofsd: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket().exists() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("virtiofsd made no socket in 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+fn command(args: &Args, vmm: Vmm) -> Command {
+    let fs = format!("tag=ctl,socket={}", socket().display());
+    match vmm {
+        Vmm::Moat => {
+            let mut cmd = Command::new(&args.vmm);
+            cmd.arg("--kernel")
+                .arg(&args.kernel)
+                .arg("--initramfs")
+                .arg(&args.initramfs)
+                .args(["--vcpus", "2", "--memory", MEMORY_MIB])
+                .args(["--cmdline", CMDLINE])
+                .args(["--fs", &fs])
+                .arg("--block")
+                .arg(format!("id=ext4,path={}", work("ext4.img").display()));
+            cmd
+        }
+        Vmm::Qemu => {
+            let mut cmd = Command::new(&args.qemu);
+            cmd.args([
+                "-M",
+                "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"),
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-smp",
+                "2",
+                "-m",
+                MEMORY_MIB,
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&args.kernel)
+            .arg("-initrd")
+            .arg(&args.initramfs)
+            .args(["-append", CMDLINE])
+            .arg("-chardev")
+            .arg(format!("socket,id=fs0,path={}", socket().display()))
+            .args(["-device", "vhost-user-fs-device,chardev=fs0,tag=ctl"]);
+            cmd
+        }
+    }
+}
+
+/// One VM through the guest's benchmark: the virtio-fs figures, and the
+/// ext4 ones when the guest had the disk.
+fn run_once(
+    args: &Args,
+    vmm: Vmm,
+    setting: Setting,
+) -> Result<(Vec<f64>, Option<Vec<f64>>), String> {
+    let mut daemon = start_virtiofsd(args, setting)?;
+    let result = (|| {
+        let mut child = command(args, vmm)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("start {vmm:?}: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let console = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<String>>()
+        });
+        let mut stderr = child.stderr.take().ok_or("no stderr")?;
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let exited = wait_or_kill(&mut child, RUN_TIMEOUT);
+        let lines = console.join().unwrap_or_default();
+        let errors = errors.join().unwrap_or_default();
+        if !exited {
+            return Err(format!(
+                "{vmm:?} did not finish in {RUN_TIMEOUT:?}; console tail: {}",
+                lines[lines.len().saturating_sub(10)..].join(" | ")
+            ));
+        }
+        let figures = |label: &str| -> Option<Vec<f64>> {
+            METRICS
+                .iter()
+                .map(|name| {
+                    let key = format!("MOAT_GUEST fsbench {label} {name}: ");
+                    lines
+                        .iter()
+                        .find_map(|l| l.trim_end().strip_prefix(key.as_str()))
+                        .and_then(|v| v.parse().ok())
+                })
+                .collect()
+        };
+        let fs = figures("virtiofs").ok_or_else(|| {
+            format!(
+                "{vmm:?}: no virtio-fs figures; console: {}; stderr: {}",
+                lines.join(" | "),
+                errors.trim()
+            )
+        })?;
+        Ok((fs, figures("ext4")))
+    })();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    result
+}
+
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+fn medians(samples: &[Vec<f64>]) -> Vec<f64> {
+    (0..METRICS.len())
+        .map(|i| median(&samples.iter().map(|s| s[i]).collect::<Vec<_>>()))
+        .collect()
+}
+
+fn virtiofsd_version(path: &Path) -> String {
+    Command::new(path)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = set_up(&args) {
+        eprintln!("bench-fs: set-up failed: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "bench-fs: {} ({}), {} runs of each VMM interleaved; file {} MiB, random reads {} s, \
+         walk over {WIDE_ENTRIES} entries; 2 vCPUs, {MEMORY_MIB} MiB",
+        virtiofsd_version(&args.virtiofsd),
+        DEFAULT_SETTING,
+        args.runs,
+        args.file_mib,
+        args.rand_secs
+    );
+    let mut samples: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
+    let mut ext4 = Vec::new();
+    let mut failed = false;
+    let show = |values: &[f64]| {
+        values
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    for run in 1..=args.runs {
+        for (slot, vmm) in [(0, Vmm::Moat), (1, Vmm::Qemu)] {
+            match run_once(&args, vmm, DEFAULT_SETTING) {
+                Ok((fs, blk)) => {
+                    println!("run {run} {vmm:?} virtiofs: {}", show(&fs));
+                    samples[slot].push(fs);
+                    if let Some(blk) = blk {
+                        println!("run {run} {vmm:?} ext4 on virtio-blk: {}", show(&blk));
+                        ext4.push(blk);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("run {run}: {e}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if samples.iter().any(Vec::is_empty) || ext4.is_empty() {
+        eprintln!("bench-fs: no complete run for one of the VMMs");
+        return ExitCode::FAILURE;
+    }
+    let (moat, qemu, blk) = (medians(&samples[0]), medians(&samples[1]), medians(&ext4));
+    println!();
+    println!(
+        "| median of {} runs, virtiofsd {DEFAULT_SETTING} | moat | QEMU | moat/QEMU | ext4 on moat's virtio-blk |",
+        args.runs
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (i, name) in METRICS.iter().enumerate() {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2} | {:.1} |",
+            moat[i],
+            qemu[i],
+            moat[i] / qemu[i],
+            blk[i]
+        );
+    }
+    println!("(find+stat: seconds, lower is better; the rest: higher is better)");
+
+    let mut settings = vec![(DEFAULT_SETTING, moat)];
+    for setting in OTHER_SETTINGS {
+        let mut runs = Vec::new();
+        for _ in 0..args.setting_runs {
+            match run_once(&args, Vmm::Moat, setting) {
+                Ok((fs, _)) => {
+                    println!("moat, virtiofsd {setting}: {}", show(&fs));
+                    runs.push(fs);
+                }
+                Err(e) => {
+                    eprintln!("moat, virtiofsd {setting}: {e}");
+                    failed = true;
+                }
+            }
+        }
+        if !runs.is_empty() {
+            settings.push((setting, medians(&runs)));
+        }
+    }
+    println!();
+    println!("| moat-vmm, virtiofsd setting | {} |", METRICS.join(" | "));
+    println!("|{}", " --- |".repeat(METRICS.len() + 1));
+    for (setting, values) in &settings {
+        println!(
+            "| {setting} | {} |",
+            values
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    for (i, name) in METRICS.iter().enumerate() {
+        let lower_is_better = name.ends_with(" s");
+        let best = settings.iter().max_by(|a, b| {
+            let ord = a.1[i].total_cmp(&b.1[i]);
+            if lower_is_better {
+                ord.reverse()
+            } else {
+                ord
+            }
+        });
+        if let Some((setting, _)) = best {
+            println!("fastest for {name}: {setting}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(WORK_DIR);
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
