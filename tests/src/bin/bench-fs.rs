@@ -191,30 +191,50 @@ fn socket() -> PathBuf {
     work("fs.sock")
 }
 
-/// Starts virtiofsd on the share and waits for its socket.
+/// Starts virtiofsd on the share and waits for its socket. The previous
+/// run's virtiofsd (its sandboxed child) may still hold the socket's lock
+/// file for a moment after the VM ended; a start that fails on that is
+/// tried again, for up to 30 s.
 fn start_virtiofsd(args: &Args, setting: Setting) -> Result<Child, String> {
-    let _ = std::fs::remove_file(socket());
-    let mut child = Command::new(&args.virtiofsd)
-        .arg("--shared-dir")
-        .arg(work("share"))
-        .arg("--socket-path")
-        .arg(socket())
-        .arg(format!("--cache={}", setting.cache))
-        .arg(format!("--thread-pool-size={}", setting.threads))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("start virtiofsd: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket().exists() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("virtiofsd made no socket in 10 s".into());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = work("virtiofsd.log");
+    loop {
+        let _ = std::fs::remove_file(socket());
+        let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = Command::new(&args.virtiofsd)
+            .arg("--shared-dir")
+            .arg(work("share"))
+            .arg("--socket-path")
+            .arg(socket())
+            .arg(format!("--cache={}", setting.cache))
+            .arg(format!("--thread-pool-size={}", setting.threads))
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("start virtiofsd: {e}"))?;
+        loop {
+            if socket().exists() {
+                return Ok(child);
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if Instant::now() > deadline {
+            let why = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!(
+                "virtiofsd made no socket in 30 s: {}",
+                why.trim().lines().last().unwrap_or("(no output)")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
-    Ok(child)
 }
 
 fn command(args: &Args, vmm: Vmm) -> Command {
