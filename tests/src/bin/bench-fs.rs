@@ -71,6 +71,10 @@ struct Args {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Skip the comparison with QEMU: run moat-vmm under each virtiofsd
+    /// setting, virtiofsd's defaults included.
+    #[arg(long)]
+    settings_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,12 +107,12 @@ const DEFAULT_SETTING: Setting = Setting {
 };
 const OTHER_SETTINGS: [Setting; 3] = [
     Setting {
-        cache: "never",
-        threads: 0,
-    },
-    Setting {
         cache: "auto",
         threads: 4,
+    },
+    Setting {
+        cache: "never",
+        threads: 0,
     },
     Setting {
         cache: "never",
@@ -379,34 +383,18 @@ fn virtiofsd_version(path: &Path) -> String {
         .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Err(e) = set_up(&args) {
-        eprintln!("bench-fs: set-up failed: {e}");
-        return ExitCode::FAILURE;
-    }
-    println!(
-        "bench-fs: {} ({}), {} runs of each VMM interleaved; file {} MiB, random reads {} s, \
-         walk over {WIDE_ENTRIES} entries; 2 vCPUs, {MEMORY_MIB} MiB",
-        virtiofsd_version(&args.virtiofsd),
-        DEFAULT_SETTING,
-        args.runs,
-        args.file_mib,
-        args.rand_secs
-    );
+/// The side-by-side comparison with QEMU under virtiofsd's defaults;
+/// returns moat-vmm's medians and whether every run completed.
+fn compare_with_qemu(
+    args: &Args,
+    show: &dyn Fn(&[f64]) -> String,
+) -> Result<(Vec<f64>, bool), String> {
+    let mut all_runs = true;
     let mut samples: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
     let mut ext4 = Vec::new();
-    let mut failed = false;
-    let show = |values: &[f64]| {
-        values
-            .iter()
-            .map(|v| format!("{v:.1}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
     for run in 1..=args.runs {
         for (slot, vmm) in [(0, Vmm::Moat), (1, Vmm::Qemu)] {
-            match run_once(&args, vmm, DEFAULT_SETTING) {
+            match run_once(args, vmm, DEFAULT_SETTING) {
                 Ok((fs, blk)) => {
                     println!("run {run} {vmm:?} virtiofs: {}", show(&fs));
                     samples[slot].push(fs);
@@ -417,14 +405,13 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("run {run}: {e}");
-                    failed = true;
+                    all_runs = false;
                 }
             }
         }
     }
     if samples.iter().any(Vec::is_empty) || ext4.is_empty() {
-        eprintln!("bench-fs: no complete run for one of the VMMs");
-        return ExitCode::FAILURE;
+        return Err("no complete run for one of the VMMs".into());
     }
     let (moat, qemu, blk) = (medians(&samples[0]), medians(&samples[1]), medians(&ext4));
     println!();
@@ -444,8 +431,49 @@ fn main() -> ExitCode {
     }
     println!("(find+stat: seconds, lower is better; the rest: higher is better)");
 
-    let mut settings = vec![(DEFAULT_SETTING, moat)];
-    for setting in OTHER_SETTINGS {
+    Ok((moat, all_runs))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = set_up(&args) {
+        eprintln!("bench-fs: set-up failed: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "bench-fs: {} ({}), {} runs of each VMM interleaved; file {} MiB, random reads {} s, \
+         walk over {WIDE_ENTRIES} entries; 2 vCPUs, {MEMORY_MIB} MiB",
+        virtiofsd_version(&args.virtiofsd),
+        DEFAULT_SETTING,
+        args.runs,
+        args.file_mib,
+        args.rand_secs
+    );
+    let mut failed = false;
+    let show = |values: &[f64]| {
+        values
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut settings = Vec::new();
+    let mut to_try = OTHER_SETTINGS.to_vec();
+    if args.settings_only {
+        to_try.insert(0, DEFAULT_SETTING);
+    } else {
+        match compare_with_qemu(&args, &show) {
+            Ok((moat, all_runs)) => {
+                failed |= !all_runs;
+                settings.push((DEFAULT_SETTING, moat));
+            }
+            Err(e) => {
+                eprintln!("bench-fs: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    for setting in to_try {
         let mut runs = Vec::new();
         for _ in 0..args.setting_runs {
             match run_once(&args, Vmm::Moat, setting) {
