@@ -177,6 +177,38 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Runs `program` with `args` to its end; an error names the command and
+/// its stderr when it fails.
+pub fn sh(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for `child` to exit, then kills it; returns
+/// whether it exited by itself.
+pub fn wait_or_kill(child: &mut std::process::Child, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

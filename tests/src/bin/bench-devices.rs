@@ -13,13 +13,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use moat_tests::af_vsock;
-use moat_tests::measure::median;
+use moat_tests::measure::{median, sh, wait_or_kill};
 use moat_tests::stream_check::{receive_all, send_pattern, PatternStream};
 
 const TAP: &str = "moatbench0";
@@ -79,21 +79,6 @@ const METRICS: [&str; 7] = [
     "net host->guest MiB/s",
     "net guest->host MiB/s",
 ];
-
-fn sh(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
 
 /// Loads the modules QEMU's devices need, makes the tap and the disk image.
 fn set_up(args: &Args) -> Result<PathBuf, String> {
@@ -389,19 +374,6 @@ fn run_once(args: &Args, vmm: Vmm, disk: &Path) -> Result<Vec<f64>, String> {
         tcp_in,
         tcp_out,
     ])
-}
-
-fn wait_or_kill(child: &mut Child, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    false
 }
 
 fn main() -> ExitCode {

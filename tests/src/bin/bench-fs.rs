@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use moat_tests::measure::median;
+use moat_tests::measure::{median, sh, wait_or_kill};
 
 const WORK_DIR: &str = "/tmp/moat-bench-fs";
 /// moat-vmm's default command line with `reboot=t`, which both VMMs end
@@ -119,21 +119,6 @@ const OTHER_SETTINGS: [Setting; 3] = [
         threads: 4,
     },
 ];
-
-fn sh(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
 
 fn work(name: &str) -> PathBuf {
     Path::new(WORK_DIR).join(name)
@@ -354,19 +339,6 @@ fn run_once(
     let _ = daemon.kill();
     let _ = daemon.wait();
     result
-}
-
-fn wait_or_kill(child: &mut Child, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    false
 }
 
 fn medians(samples: &[Vec<f64>]) -> Vec<f64> {
