@@ -28,7 +28,7 @@ use nix::sys::signal::Signal as NixSignal;
 
 use crate::helper;
 use crate::oom::OomWatcher;
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::{Exit, ProcessExit, Reaper};
 use crate::stdio::{self, Stdio, Stream};
 
 /// How long a helper may take to create a container or exec a process.
@@ -130,6 +130,8 @@ pub struct Process {
     pub pid: i32,
     /// The agent's ends of its stdio.
     pub stdio: Stdio,
+    /// Its exit, once the reaper has seen it.
+    pub exit: Arc<ProcessExit>,
 }
 
 /// The agent's side of a new process's stdio while the helper runs.
@@ -522,7 +524,7 @@ impl Engine {
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| invalid("OCI spec", e))?;
         std::fs::write(&config, json).map_err(io_err(format!("write {}", config.display())))?;
 
-        let (pid, stdio) = self
+        let init = self
             .run_helper(helper::CREATE, id, bundle, terminal)
             .await?;
         if self.cgroup_v2 {
@@ -536,7 +538,7 @@ impl Engine {
             bundle: bundle.to_path_buf(),
             mounts: mounted.clone(),
             cgroup_path,
-            init: Arc::new(Process { pid, stdio }),
+            init: Arc::new(init),
             execs: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
         })
@@ -568,9 +570,12 @@ impl Engine {
         id: &str,
         path: &Path,
         terminal: bool,
-    ) -> Result<(i32, Stdio)> {
+    ) -> Result<Process> {
         let (report_read, report_write) = stdio::pipe().map_err(io_err("report pipe"))?;
         let spawned_at = std::time::SystemTime::now();
+        // Taken before the helper (and so the process) exists: only exits
+        // reaped after it can be theirs.
+        let mark = self.reaper.mark();
         let mut cmd = std::process::Command::new(&self.config.agent_exe);
         cmd.arg(command).arg(self.lc_root()).arg(id).arg(path);
         let pending = if terminal {
@@ -626,7 +631,8 @@ impl Engine {
         drop(report_write);
         let helper_pid = child.id() as i32;
         drop(child);
-        let exit = self.reaper.wait_timeout(helper_pid, HELPER_TIMEOUT).await;
+        let helper_exit = self.reaper.watch(helper_pid, mark);
+        let exit = helper_exit.wait_timeout(HELPER_TIMEOUT).await;
         // A terminal sent by now waits in the listener's backlog; the path
         // is no longer needed, whatever the outcome.
         if let PendingStdio::Console { socket, .. } = &pending {
@@ -639,15 +645,9 @@ impl Engine {
                 "{command} {id:?}: the helper did not finish within {HELPER_TIMEOUT:?}"
             )));
         };
-        self.reaper.forget(helper_pid);
         let report = read_report(report_read);
-        let pid = match report.strip_prefix("ok ").map(|p| p.trim().parse::<i32>()) {
-            Some(Ok(pid)) if pid > 0 => {
-                // An exit recorded for this PID before the helper ran
-                // belongs to an earlier process that had the same PID.
-                self.reaper.forget_older_than(pid, spawned_at);
-                pid
-            }
+        let (pid, exit) = match report.strip_prefix("ok ").map(|p| p.trim().parse::<i32>()) {
+            Some(Ok(pid)) if pid > 0 => (pid, self.reaper.watch(pid, mark)),
             _ => {
                 let message = report
                     .strip_prefix("error ")
@@ -684,7 +684,7 @@ impl Engine {
                 stderr: Stream::new(stderr).map_err(io_err("stderr"))?,
             },
         };
-        Ok((pid, stdio))
+        Ok(Process { pid, stdio, exit })
     }
 
     /// Starts a created container's init.
@@ -712,7 +712,7 @@ impl Engine {
                 )
                 .await;
         }
-        if self.reaper.exit_of(process.pid).is_some() {
+        if process.exit.get().is_some() {
             return Err(EngineError::Precondition(format!(
                 "process {exec_id:?} of container {id:?} has already exited"
             )));
@@ -731,7 +731,7 @@ impl Engine {
     /// Waits for a process to exit.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
         let process = self.process(id, exec_id)?;
-        Ok(self.reaper.wait(process.pid).await)
+        Ok(process.exit.wait().await)
     }
 
     /// Reads a process's stdout (`stderr == false`) or stderr.
@@ -855,7 +855,7 @@ impl Engine {
         terminal: bool,
     ) -> Result<Process> {
         let _ops = container.ops.lock().await;
-        if self.reaper.exit_of(container.init.pid).is_some() {
+        if container.init.exit.get().is_some() {
             return Err(EngineError::Precondition(format!(
                 "exec in container {:?}: its init has exited",
                 container.id
@@ -868,8 +868,49 @@ impl Engine {
             .run_helper(helper::EXEC, &container.id, &path, terminal)
             .await;
         let _ = std::fs::remove_file(&path);
-        let (pid, stdio) = result?;
-        Ok(Process { pid, stdio })
+        result
+    }
+
+    /// Forgets an exec that has exited: the agent's ends of its stdio
+    /// close and its exit record goes, and its exec ID is free again. A
+    /// running exec is refused (signal and wait for it first); the init
+    /// goes with [`Engine::remove`].
+    pub fn delete_exec(&self, id: &str, exec_id: &str) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(invalid(
+                "exec ID",
+                "empty: the init process is deleted with RemoveContainer",
+            ));
+        }
+        let container = self.container(id)?;
+        let mut execs = container
+            .execs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match execs.get(exec_id) {
+            Some(Some(process)) if process.exit.get().is_some() => {
+                execs.remove(exec_id);
+                Ok(())
+            }
+            Some(Some(process)) => Err(EngineError::Precondition(format!(
+                "delete process {exec_id:?} of container {id:?}: it is still running (PID {})",
+                process.pid
+            ))),
+            Some(None) => Err(EngineError::Precondition(format!(
+                "delete process {exec_id:?} of container {id:?}: it is being started"
+            ))),
+            None => Err(EngineError::ProcessNotFound {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            }),
+        }
+    }
+
+    /// How many processes the reaper watches and how many unclaimed exits
+    /// it keeps.
+    pub fn reaper_counts(&self) -> (usize, usize) {
+        let (unclaimed, watched) = self.reaper.counts();
+        (watched, unclaimed)
     }
 
     /// Freezes every process of a container.
@@ -939,6 +980,7 @@ impl Engine {
         let _ops = container.ops.lock().await;
         let id = container.id.clone();
         let init = container.init.pid;
+        let init_exit = &container.init.exit;
         let state = self.lc_root().join(&id);
         let kill_all = |signal: NixSignal| {
             let state = state.clone();
@@ -953,13 +995,13 @@ impl Engine {
                 }
             })
         };
-        if self.reaper.exit_of(init).is_none() && !timeout.is_zero() {
+        if init_exit.get().is_none() && !timeout.is_zero() {
             kill_all(NixSignal::SIGTERM).await?;
-            self.reaper.wait_timeout(init, timeout).await;
+            init_exit.wait_timeout(timeout).await;
         }
-        if self.reaper.exit_of(init).is_none() {
+        if init_exit.get().is_none() {
             kill_all(NixSignal::SIGKILL).await?;
-            if self.reaper.wait_timeout(init, KILL_TIMEOUT).await.is_none() {
+            if init_exit.wait_timeout(KILL_TIMEOUT).await.is_none() {
                 return Err(EngineError::Runtime(format!(
                     "remove container {id:?}: init (PID {init}) did not exit within {KILL_TIMEOUT:?} of SIGKILL"
                 )));
@@ -977,9 +1019,6 @@ impl Engine {
             unmount(target);
         }
         let _ = std::fs::remove_dir_all(&container.bundle);
-        // The exits stay in the reaper's table (until its TTL) so that a
-        // WaitProcess woken just before this removal still finds them; a
-        // later process reusing a PID drops the stale one when registered.
         Ok(())
     }
 

@@ -42,10 +42,13 @@ pub fn run_if_helper(args: &[String]) -> Option<i32> {
     // The container must not inherit the report pipe.
     // SAFETY: fcntl on an fd this process owns.
     unsafe { libc::fcntl(REPORT_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let line = match run(command, &args[1..]) {
-        Ok(pid) => format!("ok {pid}\n"),
-        Err(e) => format!("error {}\n", e.replace('\n', " ")),
-    };
+    // The container inherits the agent's limit unless its spec sets one:
+    // put back the one the agent started with.
+    let line =
+        match crate::limits::restore_original_nofile().and_then(|()| run(command, &args[1..])) {
+            Ok(pid) => format!("ok {pid}\n"),
+            Err(e) => format!("error {}\n", e.replace('\n', " ")),
+        };
     let mut report = std::fs::File::from(report);
     let _ = report.write_all(line.as_bytes());
     Some(if line.starts_with("ok") { 0 } else { 1 })

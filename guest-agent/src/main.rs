@@ -100,6 +100,9 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         options
     };
+    // Before any thread starts: it records the original in the
+    // environment the helpers inherit.
+    moat_agent::limits::raise_nofile()?;
     let reaper = Reaper::start().map_err(|e| format!("reaper thread: {e}"))?;
     let oom = OomWatcher::start().map_err(|e| format!("OOM watcher: {e}"))?;
     let agent_exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;

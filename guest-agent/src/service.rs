@@ -99,8 +99,15 @@ fn mount_request(m: &Mount) -> MountRequest {
 impl AgentService for Agent {
     async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {
         known_fields("Check", &req)?;
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .map(|entries| entries.count().saturating_sub(1))
+            .unwrap_or(0);
+        let (watched, unclaimed) = self.engine.reaper_counts();
         Ok(CheckResponse {
             serving: true,
+            open_fds: u32::try_from(open_fds).unwrap_or(u32::MAX),
+            watched_processes: u32::try_from(watched).unwrap_or(u32::MAX),
+            unclaimed_exits: u32::try_from(unclaimed).unwrap_or(u32::MAX),
             ..Default::default()
         })
     }
@@ -233,6 +240,16 @@ impl AgentService for Agent {
             exited_at_ns: at,
             ..Default::default()
         })
+    }
+
+    async fn delete_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        known_fields("DeleteProcess", &req)?;
+        self.engine.delete_exec(&req.container_id, &req.exec_id)?;
+        Ok(Empty::new())
     }
 
     async fn write_stdin(

@@ -20,7 +20,7 @@ pub use generated::{agent, agent_ttrpc};
 
 /// The version of the agent API this crate describes; the agent reports
 /// its own in `Version`, and the shim refuses an agent it does not speak.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on unless its command line says
 /// otherwise.

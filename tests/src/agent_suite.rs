@@ -147,6 +147,10 @@ fn ensure(cond: bool, what: impl FnOnce() -> String) -> CaseResult {
     }
 }
 
+/// Exited execs held at once by `exec_delete_frees`: three pipes each,
+/// past the default 1,024 descriptors.
+const EXECS_HELD: u32 = 360;
+
 const CAPS: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
 
 /// A runc-style default spec running `args`, with a read-only root.
@@ -1597,6 +1601,161 @@ impl Suite {
         Ok(())
     }
 
+    async fn health(&self) -> Result<CheckResponse, String> {
+        check(
+            "check",
+            self.client.check(ctx(), &CheckRequest::new()).await,
+        )
+    }
+
+    async fn delete_process(&self, id: &str, exec_id: &str) -> ttrpc::Result<Empty> {
+        self.client
+            .delete_process(
+                ctx(),
+                &DeleteProcessRequest {
+                    container_id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    /// DeleteProcess frees an exec's pipes and exit record, refuses a
+    /// running exec, and frees the exec ID; the agent holds more than
+    /// the default 1,024 descriptors (its raised RLIMIT_NOFILE), while a
+    /// container without an RLIMIT_NOFILE in its spec still gets the
+    /// limit the agent started with.
+    async fn exec_delete_frees(&self) -> CaseResult {
+        let id = self.id("execdel");
+        let mut s = spec(&["sleep", "1000"]);
+        s["process"]["rlimits"] = json!([]);
+        check("create", self.create(&id, &s, false).await)?;
+        let result = async {
+            check("start", self.start(&id).await)?;
+            let before = self.health().await?;
+
+            let limit = self
+                .finish_exec(&id, "limit", &["sh", "-c", "ulimit -n; ulimit -Hn"])
+                .await?;
+            // In the guest the agent started with the kernel's 1024/4096;
+            // on the host it inherited this process's limit.
+            let want = if self.target.guest {
+                "1024\n4096\n".to_string()
+            } else {
+                let mut own = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: getrlimit with a valid rlimit pointer.
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) };
+                format!("{}\n{}\n", own.rlim_cur, own.rlim_max)
+            };
+            ensure(limit.stdout == want, || {
+                format!(
+                    "a container without RLIMIT_NOFILE sees {:?}, want the agent's original {want:?}",
+                    limit.stdout
+                )
+            })?;
+            check("delete limit", self.delete_process(&id, "limit").await)?;
+
+            // A running exec is refused, an exited one goes, twice is
+            // NOT_FOUND, and the ID can be used again.
+            check(
+                "exec sleeper",
+                self.exec(&id, "sleeper", &process(&["sleep", "1000"]), false)
+                    .await,
+            )?;
+            expect_error(
+                "delete a running exec",
+                self.delete_process(&id, "sleeper").await,
+                Code::FAILED_PRECONDITION,
+                "still running",
+            )?;
+            check("SIGKILL sleeper", self.signal(&id, "sleeper", 9, false).await)?;
+            let status = self.wait(&id, "sleeper").await?;
+            ensure(status == 137, || format!("sleeper status {status}"))?;
+            check("delete sleeper", self.delete_process(&id, "sleeper").await)?;
+            expect_error(
+                "delete it twice",
+                self.delete_process(&id, "sleeper").await,
+                Code::NOT_FOUND,
+                "sleeper",
+            )?;
+            expect_error(
+                "wait on a deleted exec",
+                self.wait_process(&id, "sleeper").await,
+                Code::NOT_FOUND,
+                "sleeper",
+            )?;
+            expect_error(
+                "delete the init",
+                self.delete_process(&id, "").await,
+                Code::INVALID_ARGUMENT,
+                "RemoveContainer",
+            )?;
+            let again = self
+                .finish_exec(&id, "sleeper", &["echo", "again"])
+                .await?;
+            ensure(again.stdout == "again\n", || {
+                format!("reused exec ID printed {:?}", again.stdout)
+            })?;
+            check("delete reused", self.delete_process(&id, "sleeper").await)?;
+
+            // More execs held at once than 1,024 descriptors allow (three
+            // pipes each), then all deleted: the descriptors come back.
+            for i in 0..EXECS_HELD {
+                let exec_id = format!("held{i}");
+                let done = self
+                    .finish_exec(&id, &exec_id, &["true"])
+                    .await
+                    .map_err(|e| format!("exec {i} of {EXECS_HELD} held: {e}"))?;
+                ensure(done.status == 0, || format!("{exec_id}: status {}", done.status))?;
+            }
+            let held = self.health().await?;
+            ensure(held.open_fds >= before.open_fds + 3 * EXECS_HELD, || {
+                format!(
+                    "{EXECS_HELD} exited execs held {} descriptors, {} before: each should still hold its pipes",
+                    held.open_fds, before.open_fds
+                )
+            })?;
+            for i in 0..EXECS_HELD {
+                check("delete held", self.delete_process(&id, &format!("held{i}")).await)?;
+            }
+            let after = self.health().await?;
+            ensure(after.open_fds <= before.open_fds + 4, || {
+                format!(
+                    "after deleting every exec the agent holds {} descriptors, {} before",
+                    after.open_fds, before.open_fds
+                )
+            })?;
+            ensure(after.watched_processes <= before.watched_processes, || {
+                format!(
+                    "{} processes watched after, {} before",
+                    after.watched_processes, before.watched_processes
+                )
+            })
+        }
+        .await;
+        let removed = check("remove", self.remove(&id).await);
+        result?;
+        removed.map(drop)
+    }
+
+    /// Runs an exec to its end and returns what it printed and its status.
+    async fn finish_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+    ) -> Result<Finished, String> {
+        check(
+            &format!("exec {exec_id}"),
+            self.exec(id, exec_id, &process(args), false).await,
+        )?;
+        self.finish(id, exec_id).await
+    }
+
     /// Runs every case that applies to the target, in order.
     pub async fn run_all(&self, only: Option<&str>) -> Vec<Outcome> {
         let mut cases: Vec<(&'static str, CaseFuture<'_>)> = vec![
@@ -1627,6 +1786,7 @@ impl Suite {
             ("failure_paths", Box::pin(self.failure_paths())),
             ("network_and_dns", Box::pin(self.guest_network_and_dns())),
             ("many_containers", Box::pin(self.many_containers())),
+            ("exec_delete_frees", Box::pin(self.exec_delete_frees())),
         ];
         if self.target.cgroup_v2 {
             cases.push(("limits_v2", Box::pin(self.limits_v2())));
