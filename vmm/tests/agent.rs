@@ -46,7 +46,7 @@ fn agent_answers_health_check_over_vsock_after_boot() {
     let all = run.describe();
     assert!(run.stdout.contains("agent-check exit: 0"), "{all}");
     assert!(
-        run.stdout.contains("health check ok after") && run.stdout.contains("(api version 1)"),
+        run.stdout.contains("health check ok after") && run.stdout.contains("(api version 2)"),
         "{all}"
     );
     assert!(
