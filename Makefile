@@ -145,18 +145,18 @@ bench-devices: deps kernel build-release test-tools
 ## bench-fs: virtio-fs, moat-vmm against QEMU microvm's vhost-user-fs-device
 ## with the same virtiofsd, tree and kernel (RUNS of each, default 3); ext4
 ## on moat's virtio-blk in the same guest as the reference; then moat-vmm
-## under other virtiofsd cache modes and thread pools. L1 idles by polling:
-## see tests/harness/README.md ("L1 vCPUs left halted").
+## under other virtiofsd cache modes and thread pools (SETTINGS), each in
+## an L1 of its own, and the table of all. L1 idles by polling: see
+## tests/harness/README.md ("L1 vCPUs left halted").
 bench-fs: deps kernel build-release test-tools virtiofsd
 	tests/guest/build-initramfs.sh $(TARGET_DIR)/moat-guest/bench-fs-initramfs.cpio \
 		$(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool >/dev/null
-	MOAT_HARNESS_KERNEL_ARGS="$${MOAT_HARNESS_KERNEL_ARGS:-} idle=poll" \
-	$(KVM_RUN) --timeout $${TIMEOUT:-7200} -- $(TARGET_DIR)/release/bench-fs \
+	tests/bench-fs-all $(TARGET_DIR)/bench-fs $(TARGET_DIR)/release/bench-fs \
 		--vmm $(TARGET_DIR)/release/moat-vmm \
 		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
 		--initramfs $(TARGET_DIR)/moat-guest/bench-fs-initramfs.cpio \
 		--guest-tool $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/guest-tool \
-		--virtiofsd "$$(tests/harness/install-virtiofsd | tail -n1)" --runs $${RUNS:-3}
+		--virtiofsd "$$(tests/harness/install-virtiofsd | tail -n1)"
 
 ## bench-agent: moat-agent's container lifecycle against runc on this
 ## host (create, start, exit, delete of `true`), as a ratio.

@@ -75,6 +75,39 @@ struct Args {
     /// setting, virtiofsd's defaults included.
     #[arg(long)]
     settings_only: bool,
+    /// Only the comparison with QEMU, no other settings.
+    #[arg(long, conflicts_with = "settings_only")]
+    no_settings: bool,
+    /// Run only this virtiofsd setting (`CACHE:THREADS`, e.g. `never:4`)
+    /// besides the defaults; repeatable. Default: auto:4, never:0, never:4.
+    #[arg(long = "setting", value_parser = parse_setting)]
+    settings: Vec<Setting>,
+    /// Print the settings table from earlier runs' outputs (their
+    /// `setting-median` lines) and exit; runs nothing.
+    #[arg(long, num_args = 1..)]
+    summarize: Vec<PathBuf>,
+}
+
+/// Parses `CACHE:THREADS`.
+fn parse_setting(text: &str) -> Result<Setting, String> {
+    let (cache, threads) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: expected CACHE:THREADS, e.g. never:4"))?;
+    let cache = match cache {
+        "auto" => "auto",
+        "never" => "never",
+        "always" => "always",
+        "metadata" => "metadata",
+        other => {
+            return Err(format!(
+                "{other:?}: not a virtiofsd cache mode (auto, never, always, metadata)"
+            ))
+        }
+    };
+    let threads = threads
+        .parse()
+        .map_err(|e| format!("{threads:?}: not a thread count: {e}"))?;
+    Ok(Setting { cache, threads })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,16 +441,38 @@ fn compare_with_qemu(
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !args.summarize.is_empty() {
+        return match read_medians(&args.summarize) {
+            Ok(settings) if !settings.is_empty() => {
+                print_settings(&settings);
+                ExitCode::SUCCESS
+            }
+            Ok(_) => {
+                eprintln!("bench-fs: no setting-median lines in {:?}", args.summarize);
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("bench-fs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = set_up(&args) {
         eprintln!("bench-fs: set-up failed: {e}");
         return ExitCode::FAILURE;
     }
+    let what = if args.settings_only {
+        format!("moat-vmm alone, {} runs of each setting", args.setting_runs)
+    } else {
+        format!(
+            "({DEFAULT_SETTING}), {} runs of each VMM interleaved",
+            args.runs
+        )
+    };
     println!(
-        "bench-fs: {} ({}), {} runs of each VMM interleaved; file {} MiB, random reads {} s, \
+        "bench-fs: {} {what}; file {} MiB, random reads {} s, \
          walk over {WIDE_ENTRIES} entries; 2 vCPUs, {MEMORY_MIB} MiB",
         virtiofsd_version(&args.virtiofsd),
-        DEFAULT_SETTING,
-        args.runs,
         args.file_mib,
         args.rand_secs
     );
@@ -430,9 +485,17 @@ fn main() -> ExitCode {
             .join("  ")
     };
     let mut settings = Vec::new();
-    let mut to_try = OTHER_SETTINGS.to_vec();
+    let mut to_try = if args.no_settings {
+        Vec::new()
+    } else if args.settings.is_empty() {
+        OTHER_SETTINGS.to_vec()
+    } else {
+        args.settings.clone()
+    };
     if args.settings_only {
-        to_try.insert(0, DEFAULT_SETTING);
+        if args.settings.is_empty() {
+            to_try.insert(0, DEFAULT_SETTING);
+        }
     } else {
         match compare_with_qemu(&args, &show) {
             Ok((moat, all_runs)) => {
@@ -463,10 +526,66 @@ fn main() -> ExitCode {
             settings.push((setting, medians(&runs)));
         }
     }
+    for (setting, values) in &settings {
+        println!("{}", median_line(setting, values));
+    }
+    print_settings(&settings);
+    let _ = std::fs::remove_dir_all(WORK_DIR);
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The `setting-median` line of one setting, which `--summarize` reads.
+fn median_line(setting: &Setting, values: &[f64]) -> String {
+    format!(
+        "setting-median {setting}: {}",
+        values
+            .iter()
+            .map(|v| format!("{v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// Reads the `setting-median` lines of earlier outputs.
+fn read_medians(files: &[PathBuf]) -> Result<Vec<(String, Vec<f64>)>, String> {
+    let mut settings = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("setting-median ") else {
+                continue;
+            };
+            let Some((setting, values)) = rest.split_once(": ") else {
+                return Err(format!("{}: malformed line {line:?}", file.display()));
+            };
+            let values = values
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<Vec<f64>, _>>()
+                .map_err(|e| format!("{}: {line:?}: {e}", file.display()))?;
+            if values.len() != METRICS.len() {
+                return Err(format!(
+                    "{}: {line:?}: {} figures",
+                    file.display(),
+                    values.len()
+                ));
+            }
+            settings.push((setting.to_string(), values));
+        }
+    }
+    Ok(settings)
+}
+
+/// The settings table and the fastest setting for each figure.
+fn print_settings<S: std::fmt::Display>(settings: &[(S, Vec<f64>)]) {
     println!();
     println!("| moat-vmm, virtiofsd setting | {} |", METRICS.join(" | "));
     println!("|{}", " --- |".repeat(METRICS.len() + 1));
-    for (setting, values) in &settings {
+    for (setting, values) in settings {
         println!(
             "| {setting} | {} |",
             values
@@ -489,11 +608,5 @@ fn main() -> ExitCode {
         if let Some((setting, _)) = best {
             println!("fastest for {name}: {setting}");
         }
-    }
-    let _ = std::fs::remove_dir_all(WORK_DIR);
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
     }
 }
