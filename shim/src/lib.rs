@@ -5,5 +5,8 @@
 //! guest streams and forwards container events to containerd. It talks to the
 //! guest only through the `protocol` crate over the VM's hybrid vsock.
 //!
-//! Nothing is implemented yet; this crate holds no behaviour until the shim
-//! issue lands, so that nothing pretends to work.
+//! What exists so far is [`config`]: the shim's config file and the sizing
+//! of a pod's VM from its CRI resources. The task service is not built yet,
+//! so containerd cannot use this crate.
+
+pub mod config;
