@@ -5,8 +5,11 @@
 //! guest streams and forwards container events to containerd. It talks to the
 //! guest only through the `protocol` crate over the VM's hybrid vsock.
 //!
-//! What exists so far is [`config`]: the shim's config file and the sizing
-//! of a pod's VM from its CRI resources. The task service is not built yet,
+//! What exists so far is [`config`] (the shim's config file and the sizing
+//! of a pod's VM from its CRI resources) and [`mounts`] (the pod's shared
+//! directory that virtiofsd serves, and each container's rootfs and bind
+//! mounts in it). The task service is not built yet,
 //! so containerd cannot use this crate.
 
 pub mod config;
+pub mod mounts;
