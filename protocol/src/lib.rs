@@ -10,6 +10,9 @@
 //!
 //! A method the agent does not implement, or one it does not know, answers
 //! with ttrpc status NOT_FOUND and a message naming the method.
+//!
+//! [`hybrid_vsock`] is how the host reaches the agent: through the VM's
+//! hybrid vsock socket.
 
 #[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub)]
 mod generated {
@@ -17,6 +20,13 @@ mod generated {
 }
 
 pub use generated::{agent, agent_ttrpc};
+
+pub mod hybrid_vsock;
+
+/// Where the agent mounts the pod's virtio-fs share in the guest (kernel
+/// parameter `moat.share=TAG`); container rootfs and volume paths the shim
+/// sends lie below it.
+pub const GUEST_SHARE_DIR: &str = "/run/moat/shared";
 
 /// The version of the agent API this crate describes; the agent reports
 /// its own in `Version`, and the shim refuses an agent it does not speak.

@@ -105,31 +105,8 @@ impl std::os::fd::AsRawFd for Listener {
     }
 }
 
-/// Connects to guest `port` through a VM's hybrid vsock socket `uds`:
-/// writes `CONNECT <port>`, then reads `OK <host port>` (waiting at most
-/// 5 s for it). The returned stream has no read timeout.
+/// Connects to guest `port` through a VM's hybrid vsock socket `uds`,
+/// waiting at most 5 s for the VMM's `OK`.
 pub fn connect_hybrid(uds: impl AsRef<std::path::Path>, port: u32) -> io::Result<UnixStream> {
-    use std::io::{Read, Write};
-    let mut stream = UnixStream::connect(uds)?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        if stream.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                "closed before OK",
-            ));
-        }
-        line.push(byte[0]);
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected reply {:?}", String::from_utf8_lossy(&line)),
-        ));
-    }
-    stream.set_read_timeout(None)?;
-    Ok(stream)
+    moat_protocol::hybrid_vsock::connect(uds.as_ref(), port, std::time::Duration::from_secs(5))
 }
