@@ -16,6 +16,16 @@ pub enum InitError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The pod's virtio-fs share could not be mounted.
+    #[error("mount virtiofs tag {tag:?} on {target}: {source}")]
+    Share {
+        /// The virtio-fs tag (`moat.share=`).
+        tag: String,
+        /// Where.
+        target: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A cgroup setting failed.
     #[error("cgroup: {what}: {source}")]
     Cgroup {
@@ -107,6 +117,38 @@ pub fn set_hostname(name: &str) -> Result<(), InitError> {
         });
     }
     Ok(())
+}
+
+/// Mounts the pod's virtio-fs share, tag `tag`, on
+/// [`moat_protocol::GUEST_SHARE_DIR`], where the shim puts each
+/// container's rootfs and volumes.
+pub fn mount_share(tag: &str) -> Result<(), InitError> {
+    let target = moat_protocol::GUEST_SHARE_DIR;
+    let fail = |source| InitError::Share {
+        tag: tag.to_string(),
+        target,
+        source,
+    };
+    std::fs::create_dir_all(target).map_err(fail)?;
+    let invalid = || fail(std::io::Error::from_raw_os_error(libc::EINVAL));
+    let tag_c = CString::new(tag).map_err(|_| invalid())?;
+    let target_c = CString::new(target).map_err(|_| invalid())?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives
+    // the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            tag_c.as_ptr(),
+            target_c.as_ptr(),
+            c"virtiofs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(fail(std::io::Error::last_os_error()))
+    }
 }
 
 /// Enables every controller the kernel has for the cgroups below the

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use moat_agent::engine::{Engine, EngineConfig};
 use moat_agent::guest::GuestConfig;
 use moat_agent::init::{
-    enable_cgroup_controllers, mount_early_filesystems, set_hostname, switch_to_tmpfs_root,
+    enable_cgroup_controllers, mount_early_filesystems, mount_share, set_hostname,
+    switch_to_tmpfs_root,
 };
 use moat_agent::oom::OomWatcher;
 use moat_agent::reaper::Reaper;
@@ -74,6 +75,9 @@ fn init_guest() -> Result<Options, String> {
         set_hostname(name).map_err(|e| e.to_string())?;
     }
     enable_cgroup_controllers().map_err(|e| e.to_string())?;
+    if let Some(tag) = &settings.share_tag {
+        mount_share(tag).map_err(|e| e.to_string())?;
+    }
     Ok(Options {
         address: format!("vsock://-1:{}", settings.vsock_port),
         state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -162,9 +166,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moat-agent: error: {e}");
-            // As PID 1, returning would panic the kernel with no message
-            // on the console; keep the error visible instead.
+            // As PID 1, returning would panic the kernel. The error is on
+            // the console now; end the VM, so the shim sees its VMM exit
+            // with these last words at once instead of waiting out its
+            // boot timeout on a guest that will never serve.
             if std::process::id() == 1 {
+                // SAFETY: sync and reboot take no pointers; reboot only
+                // returns on failure, and then the loop keeps PID 1 alive.
+                unsafe {
+                    libc::sync();
+                    libc::reboot(libc::RB_AUTOBOOT);
+                }
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 }
