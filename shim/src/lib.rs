@@ -8,8 +8,10 @@
 //! What exists so far is [`config`] (the shim's config file and the sizing
 //! of a pod's VM from its CRI resources) and [`mounts`] (the pod's shared
 //! directory that virtiofsd serves, and each container's rootfs and bind
-//! mounts in it). The task service is not built yet,
+//! mounts in it) and [`sandbox`] (one pod's virtiofsd and moat-vmm, from
+//! start to the agent's first answer, and their teardown). The task service is not built yet,
 //! so containerd cannot use this crate.
 
 pub mod config;
 pub mod mounts;
+pub mod sandbox;

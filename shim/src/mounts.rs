@@ -28,8 +28,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::Mount as SpecMount;
 
-/// Where the agent mounts the pod's share in the guest.
-pub const GUEST_SHARE_DIR: &str = "/run/moat/shared";
+pub use moat_protocol::GUEST_SHARE_DIR;
 
 /// Mount types the guest makes itself; they pass through the spec unchanged.
 pub const GUEST_MOUNT_TYPES: [&str; 7] = [

@@ -115,3 +115,49 @@ fn agent_client_suite_runs_real_containers_in_the_guest() {
     }
     assert!(run.stdout.contains("vm exit status: 0"), "{all}");
 }
+
+/// The shim's pod VM (`moat_shim::sandbox`, driven by the `sandbox-check`
+/// tool): a pod boots from a config file with its CRI-derived size, a
+/// container runs from a rootfs and a volume that reach the guest over
+/// virtio-fs, and every teardown (after a stop, an agent boot timeout, a
+/// guest that dies at boot) leaves no process, mount or file.
+#[test]
+fn shim_sandbox_boots_a_pod_runs_a_container_and_leaves_nothing() {
+    let initramfs = guest_initramfs("agent-initramfs.cpio.gz");
+    let check = test_tool("sandbox-check");
+    let virtiofsd = common::virtiofsd();
+    let vmm = vmm_binary();
+    let kernel = guest_vmlinux();
+    let run = kvm_run(&[
+        check.to_str().expect("utf-8 path"),
+        "--vmm",
+        vmm.to_str().expect("utf-8 path"),
+        "--kernel",
+        kernel.to_str().expect("utf-8 path"),
+        "--initramfs",
+        initramfs.to_str().expect("utf-8 path"),
+        "--virtiofsd",
+        virtiofsd.to_str().expect("utf-8 path"),
+        "--work",
+        "/tmp/sandbox-check",
+    ]);
+    let all = run.describe();
+    for line in run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("sandbox-check: "))
+    {
+        eprintln!("{line}");
+    }
+    for case in [
+        "pod_runs_a_container",
+        "agent_that_never_answers_times_out",
+        "guest_that_dies_at_boot_is_reported",
+    ] {
+        assert!(
+            run.stdout.contains(&format!("PASS {case}")),
+            "{case}: {all}"
+        );
+    }
+    assert_eq!(run.code, 0, "{all}");
+}

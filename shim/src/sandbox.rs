@@ -1,0 +1,569 @@
+//! One pod's VM on the host: its virtiofsd, its moat-vmm, its console log
+//! and the agent connection, from start to a teardown that leaves nothing.
+//!
+//! A pod's state directory (`dir`) holds:
+//!
+//! ```text
+//! dir/share/          the pod's shared directory (see [`crate::mounts`])
+//! dir/virtiofsd.sock  virtiofsd's vhost-user socket
+//! dir/vsock.sock      the VM's hybrid vsock socket (the agent's way in)
+//! dir/console.log     the guest console and the VMM's and virtiofsd's
+//!                     messages, capped at [`CONSOLE_LOG_MAX`] bytes
+//! ```
+//!
+//! [`Sandbox::start`] is done only once the agent has answered a health
+//! check and a version check within the config's boot timeout; on any
+//! failure it stops what it started and removes `dir` before returning
+//! the error, so a failed start leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_protocol::agent::{CheckRequest, VersionRequest};
+use moat_protocol::agent_ttrpc::AgentServiceClient;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use crate::config::{Config, VmSize};
+use crate::mounts::{MountError, PodShare};
+
+/// The virtio-fs tag of the pod's share, as the agent's `moat.share=` gets it.
+pub const SHARE_TAG: &str = "moat-pod";
+/// The guest CID of every pod VM (each VM has its own vsock device).
+pub const GUEST_CID: u32 = 3;
+/// The console log's cap: beyond it, output is read and dropped, so a
+/// chatty guest can neither fill the disk nor stall its VMM.
+pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
+/// How long virtiofsd may take to create its socket.
+const VIRTIOFSD_START: Duration = Duration::from_secs(5);
+/// How long a stopping process gets after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of the console log quoted in an error.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// What went wrong starting or stopping a pod's VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The pod's state directory exists already.
+    #[error("sandbox {id}: state directory {dir} already exists")]
+    Exists {
+        /// The pod.
+        id: String,
+        /// Its state directory.
+        dir: PathBuf,
+    },
+    /// A file operation failed.
+    #[error("sandbox {id}: {what} {path}: {source}")]
+    Io {
+        /// The pod.
+        id: String,
+        /// The operation.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A binary could not be started.
+    #[error("sandbox {id}: cannot start {binary}: {source}")]
+    Spawn {
+        /// The pod.
+        id: String,
+        /// The binary.
+        binary: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// virtiofsd did not come up.
+    #[error("sandbox {id}: virtiofsd did not create {socket} within {} s ({state}); console log:\n{console}", VIRTIOFSD_START.as_secs())]
+    Virtiofsd {
+        /// The pod.
+        id: String,
+        /// The socket it should have made.
+        socket: PathBuf,
+        /// Running or its exit status.
+        state: String,
+        /// The last lines of the console log.
+        console: String,
+    },
+    /// moat-vmm exited before the agent answered.
+    #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; console log:\n{console}")]
+    VmmExited {
+        /// The pod.
+        id: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The last lines of the console log.
+        console: String,
+    },
+    /// The agent did not answer in time.
+    #[error("sandbox {id}: the agent did not answer a health check within {timeout_ms} ms (vm.agent_boot_timeout_ms); last error: {last_error}; console log:\n{console}")]
+    AgentTimeout {
+        /// The pod.
+        id: String,
+        /// The timeout.
+        timeout_ms: u64,
+        /// Why the last attempt failed.
+        last_error: String,
+        /// The last lines of the console log.
+        console: String,
+    },
+    /// The agent speaks another API version.
+    #[error("sandbox {id}: the agent speaks API version {got}, this shim {want}")]
+    AgentVersion {
+        /// The pod.
+        id: String,
+        /// The agent's version.
+        got: u32,
+        /// Ours.
+        want: u32,
+    },
+    /// The pod's share could not be made or removed.
+    #[error("sandbox {id}: {source}")]
+    Mount {
+        /// The pod.
+        id: String,
+        /// The error.
+        source: MountError,
+    },
+}
+
+/// A running pod VM whose agent has answered.
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    share: PodShare,
+    virtiofsd: Child,
+    vmm: Child,
+    client: AgentServiceClient,
+}
+
+/// Where a pod's files are.
+fn vsock_socket(dir: &Path) -> PathBuf {
+    dir.join("vsock.sock")
+}
+fn virtiofsd_socket(dir: &Path) -> PathBuf {
+    dir.join("virtiofsd.sock")
+}
+fn console_log(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+
+impl Sandbox {
+    /// Boots pod `id`'s VM with state in `dir` (which must not exist) and
+    /// waits for its agent.
+    pub async fn start(
+        config: &Config,
+        id: &str,
+        dir: &Path,
+        size: VmSize,
+    ) -> Result<Self, SandboxError> {
+        let io = |what, path: &Path| {
+            let (id, path) = (id.to_string(), path.to_path_buf());
+            move |source| SandboxError::Io {
+                id,
+                what,
+                path,
+                source,
+            }
+        };
+        if dir.exists() {
+            return Err(SandboxError::Exists {
+                id: id.to_string(),
+                dir: dir.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let mut started = Started {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            share: None,
+            virtiofsd: None,
+            vmm: None,
+        };
+        match started.boot(config, size).await {
+            Ok(client) => {
+                let Started {
+                    share,
+                    virtiofsd,
+                    vmm,
+                    ..
+                } = started;
+                match (share, virtiofsd, vmm) {
+                    (Some(share), Some(virtiofsd), Some(vmm)) => Ok(Sandbox {
+                        id: id.to_string(),
+                        dir: dir.to_path_buf(),
+                        share,
+                        virtiofsd,
+                        vmm,
+                        client,
+                    }),
+                    (share, virtiofsd, vmm) => {
+                        // boot() sets all three before it returns Ok.
+                        let mut rest = Started {
+                            id: id.to_string(),
+                            dir: dir.to_path_buf(),
+                            share,
+                            virtiofsd,
+                            vmm,
+                        };
+                        rest.teardown().await;
+                        Err(SandboxError::Io {
+                            id: id.to_string(),
+                            what: "start",
+                            path: dir.to_path_buf(),
+                            source: std::io::Error::other("boot finished without its processes"),
+                        })
+                    }
+                }
+            }
+            Err(e) => {
+                started.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The pod's ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The pod's state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The pod's share, where containers' rootfs and volumes go.
+    pub fn share(&self) -> &PodShare {
+        &self.share
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &AgentServiceClient {
+        &self.client
+    }
+
+    /// moat-vmm's PID.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.id()
+    }
+
+    /// virtiofsd's PID.
+    pub fn virtiofsd_pid(&self) -> Option<u32> {
+        self.virtiofsd.id()
+    }
+
+    /// Stops the VM (SIGTERM, SIGKILL after a grace period) and virtiofsd,
+    /// unmounts the share and removes the state directory. Returns the
+    /// VMM's exit status.
+    pub async fn stop(self) -> Result<Option<ExitStatus>, SandboxError> {
+        let mut started = Started {
+            id: self.id,
+            dir: self.dir,
+            share: Some(self.share),
+            virtiofsd: Some(self.virtiofsd),
+            vmm: Some(self.vmm),
+        };
+        let status = started.teardown().await;
+        started.check_gone()?;
+        Ok(status)
+    }
+}
+
+/// What a start has made so far, for teardown on failure.
+struct Started {
+    id: String,
+    dir: PathBuf,
+    share: Option<PodShare>,
+    virtiofsd: Option<Child>,
+    vmm: Option<Child>,
+}
+
+impl Started {
+    async fn boot(
+        &mut self,
+        config: &Config,
+        size: VmSize,
+    ) -> Result<AgentServiceClient, SandboxError> {
+        let id = self.id.clone();
+        let dir = self.dir.clone();
+        let share = PodShare::create(&dir.join("share")).map_err(|source| SandboxError::Mount {
+            id: id.clone(),
+            source,
+        })?;
+        let shared_dir = share.shared_dir();
+        self.share = Some(share);
+
+        let console_path = console_log(&dir);
+        let console = tokio::fs::File::create(&console_path)
+            .await
+            .map_err(|source| SandboxError::Io {
+                id: id.clone(),
+                what: "create",
+                path: console_path.clone(),
+                source,
+            })?;
+        let console = std::sync::Arc::new(tokio::sync::Mutex::new(CappedLog {
+            file: console,
+            written: 0,
+        }));
+
+        let fs_socket = virtiofsd_socket(&dir);
+        let mut virtiofsd = Command::new(&config.virtiofs.virtiofsd);
+        virtiofsd
+            .arg("--shared-dir")
+            .arg(&shared_dir)
+            .arg("--socket-path")
+            .arg(&fs_socket)
+            .arg(format!("--cache={}", config.virtiofs.cache.as_arg()))
+            .arg(format!(
+                "--thread-pool-size={}",
+                config.virtiofs.thread_pool_size
+            ));
+        let child = spawn(&id, &config.virtiofs.virtiofsd, &mut virtiofsd, &console)?;
+        self.virtiofsd = Some(child);
+        let deadline = Instant::now() + VIRTIOFSD_START;
+        while !fs_socket.exists() {
+            let exited = self
+                .virtiofsd
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(SandboxError::Virtiofsd {
+                    id,
+                    socket: fs_socket,
+                    state: exited.map_or("still running".into(), |s| format!("exited: {s}")),
+                    console: console_tail(&console_path),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let vsock = vsock_socket(&dir);
+        let append = format!("moat.share={SHARE_TAG} {}", config.vm.kernel_args);
+        let mut vmm = Command::new(&config.vm.vmm);
+        vmm.arg("--kernel")
+            .arg(&config.vm.kernel)
+            .arg("--initramfs")
+            .arg(&config.vm.initramfs)
+            .arg("--vcpus")
+            .arg(size.vcpus.to_string())
+            .arg("--memory")
+            .arg(size.memory_mib.to_string())
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},path={}", vsock.display()))
+            .arg("--fs")
+            .arg(format!("tag={SHARE_TAG},socket={}", fs_socket.display()))
+            .arg("--append")
+            .arg(append.trim_end());
+        let child = spawn(&id, &config.vm.vmm, &mut vmm, &console)?;
+        self.vmm = Some(child);
+
+        let timeout = Duration::from_millis(size.agent_boot_timeout_ms);
+        let deadline = Instant::now() + timeout;
+        let mut last_error = String::from("no attempt");
+        loop {
+            if let Some(status) = self.vmm.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                // Let the console copy catch the VMM's last words.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Err(SandboxError::VmmExited {
+                    id,
+                    status,
+                    console: console_tail(&console_path),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::AgentTimeout {
+                    id,
+                    timeout_ms: size.agent_boot_timeout_ms,
+                    last_error,
+                    console: console_tail(&console_path),
+                });
+            }
+            match check_agent(&vsock).await {
+                Ok((client, api)) if api == moat_protocol::API_VERSION => return Ok(client),
+                Ok((_, api)) => {
+                    return Err(SandboxError::AgentVersion {
+                        id,
+                        got: api,
+                        want: moat_protocol::API_VERSION,
+                    })
+                }
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops whatever runs and removes what was made; never fails, so it
+    /// can follow any error. Returns the VMM's exit status if it had one.
+    async fn teardown(&mut self) -> Option<ExitStatus> {
+        let status = match self.vmm.take() {
+            Some(vmm) => stop_child(vmm).await,
+            None => None,
+        };
+        if let Some(virtiofsd) = self.virtiofsd.take() {
+            stop_child(virtiofsd).await;
+        }
+        if let Some(share) = self.share.take() {
+            if let Err(e) = share.destroy() {
+                eprintln!("moat-shim: sandbox {}: {e}", self.id);
+                // Keep the directory: removing it now could reach through
+                // a mount; check_gone reports it.
+                return status;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        status
+    }
+
+    fn check_gone(&self) -> Result<(), SandboxError> {
+        match std::fs::symlink_metadata(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxError::Io {
+                id: self.id.clone(),
+                what: "check",
+                path: self.dir.clone(),
+                source,
+            }),
+            Ok(_) => Err(SandboxError::Io {
+                id: self.id.clone(),
+                what: "remove",
+                path: self.dir.clone(),
+                source: std::io::Error::other("still present after teardown"),
+            }),
+        }
+    }
+}
+
+/// Starts `command` with stdout and stderr copied into the capped log.
+fn spawn(
+    id: &str,
+    binary: &Path,
+    command: &mut Command,
+    log: &std::sync::Arc<tokio::sync::Mutex<CappedLog>>,
+) -> Result<Child, SandboxError> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|source| SandboxError::Spawn {
+        id: id.to_string(),
+        binary: binary.to_path_buf(),
+        source,
+    })?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(copy_capped(out, log.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(copy_capped(err, log.clone()));
+    }
+    Ok(child)
+}
+
+/// The console log with its cap.
+struct CappedLog {
+    file: tokio::fs::File,
+    written: u64,
+}
+
+/// Copies `from` into the log until EOF, dropping what passes the cap
+/// (but reading it all, so the writer never blocks).
+async fn copy_capped(
+    mut from: impl AsyncRead + Unpin,
+    log: std::sync::Arc<tokio::sync::Mutex<CappedLog>>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut log = log.lock().await;
+        if log.written >= CONSOLE_LOG_MAX {
+            continue;
+        }
+        let room = usize::try_from(CONSOLE_LOG_MAX - log.written).unwrap_or(usize::MAX);
+        let take = n.min(room);
+        if log.file.write_all(&buf[..take]).await.is_err() {
+            return;
+        }
+        log.written += take as u64;
+        if log.written >= CONSOLE_LOG_MAX {
+            let note = format!("\n[moat: console log capped at {CONSOLE_LOG_MAX} bytes]\n");
+            let _ = log.file.write_all(note.as_bytes()).await;
+        }
+    }
+}
+
+/// The last lines of the console log, for errors.
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..]
+        .iter()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// SIGTERM, then SIGKILL after the grace period; reaps the child.
+async fn stop_child(mut child: Child) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            let _ = child.kill().await;
+            child.wait().await.ok()
+        }
+    }
+}
+
+/// One health and version check through the VM's hybrid vsock; the
+/// client and the agent's API version.
+async fn check_agent(vsock: &Path) -> Result<(AgentServiceClient, u32), String> {
+    let path = vsock.to_path_buf();
+    let stream = tokio::task::spawn_blocking(move || {
+        moat_protocol::hybrid_vsock::connect(
+            &path,
+            moat_protocol::DEFAULT_AGENT_PORT,
+            Duration::from_secs(1),
+        )
+    })
+    .await
+    .map_err(|e| format!("connect task: {e}"))?
+    .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| format!("nonblocking: {e}"))?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+    let client = AgentServiceClient::new(ttrpc::r#async::Client::new(
+        ttrpc::r#async::transport::Socket::from(stream),
+    ));
+    let ctx = || ttrpc::context::with_timeout(2_000_000_000);
+    let health = client
+        .check(ctx(), &CheckRequest::new())
+        .await
+        .map_err(|e| format!("check: {e}"))?;
+    if !health.serving {
+        return Err("agent not serving".into());
+    }
+    let version = client
+        .version(ctx(), &VersionRequest::new())
+        .await
+        .map_err(|e| format!("version: {e}"))?;
+    Ok((client, version.api_version))
+}
