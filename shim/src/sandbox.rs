@@ -9,6 +9,8 @@
 //! dir/vsock.sock      the VM's hybrid vsock socket (the agent's way in)
 //! dir/console.log     the guest console and the VMM's and virtiofsd's
 //!                     messages, capped at [`CONSOLE_LOG_MAX`] bytes
+//! dir/vmm.pid, dir/virtiofsd.pid
+//!                     for [`cleanup`] after the shim itself died
 //! ```
 //!
 //! [`Sandbox::start`] is done only once the agent has answered a health
@@ -39,6 +41,9 @@ pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
 const VIRTIOFSD_START: Duration = Duration::from_secs(5);
 /// How long a stopping process gets after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The PID files [`cleanup`] reads.
+const VMM_PID: &str = "vmm.pid";
+const VIRTIOFSD_PID: &str = "virtiofsd.pid";
 /// Lines of the console log quoted in an error.
 const CONSOLE_TAIL_LINES: usize = 20;
 
@@ -323,6 +328,7 @@ impl Started {
                 config.virtiofs.thread_pool_size
             ));
         let child = spawn(&id, &config.virtiofs.virtiofsd, &mut virtiofsd, &console)?;
+        write_pid_file(&id, &dir.join(VIRTIOFSD_PID), &child)?;
         self.virtiofsd = Some(child);
         let deadline = Instant::now() + VIRTIOFSD_START;
         while !fs_socket.exists() {
@@ -360,6 +366,7 @@ impl Started {
             .arg("--append")
             .arg(append.trim_end());
         let child = spawn(&id, &config.vm.vmm, &mut vmm, &console)?;
+        write_pid_file(&id, &dir.join(VMM_PID), &child)?;
         self.vmm = Some(child);
 
         let timeout = Duration::from_millis(size.agent_boot_timeout_ms);
@@ -566,4 +573,97 @@ async fn check_agent(vsock: &Path) -> Result<(AgentServiceClient, u32), String> 
         .await
         .map_err(|e| format!("version: {e}"))?;
     Ok((client, version.api_version))
+}
+
+fn write_pid_file(id: &str, path: &Path, child: &Child) -> Result<(), SandboxError> {
+    let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
+    std::fs::write(path, pid).map_err(|source| SandboxError::Io {
+        id: id.to_string(),
+        what: "write",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Removes what a pod whose shim died (SIGKILL) left at `dir`: stops its
+/// moat-vmm and virtiofsd (SIGTERM, then SIGKILL), unmounts its share and
+/// removes the directory. This is containerd's `delete` action for a
+/// dead shim; it may run any number of times, and a `dir` that is gone
+/// already is not an error. A PID file is trusted only while that PID's
+/// command line still names `dir`, so a reused PID is never signalled.
+pub async fn cleanup(dir: &Path) -> Result<(), SandboxError> {
+    let id = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !dir.exists() {
+        return Ok(());
+    }
+    for name in [VMM_PID, VIRTIOFSD_PID] {
+        let Some(pid) = std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+            .filter(|pid| *pid > 1)
+        else {
+            continue;
+        };
+        if process_names(pid, dir) {
+            stop_pid(pid, dir).await;
+        }
+    }
+    let share = PodShare::open(&dir.join("share"));
+    share.destroy().map_err(|source| SandboxError::Mount {
+        id: id.clone(),
+        source,
+    })?;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SandboxError::Io {
+            id,
+            what: "remove",
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whether `pid` runs (not a zombie) with `dir` in its command line.
+fn process_names(pid: i32, dir: &Path) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let zombie = std::fs::read_to_string(proc_dir.join("stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true);
+    if zombie {
+        return false;
+    }
+    let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// SIGTERM, then SIGKILL after the grace period, for a process that is
+/// not our child (its parent, the dead shim's reaper, reaps it).
+async fn stop_pid(pid: i32, dir: &Path) {
+    use nix::sys::signal::{kill, Signal};
+    let target = nix::unistd::Pid::from_raw(pid);
+    let _ = kill(target, Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if !process_names(pid, dir) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = kill(target, Signal::SIGKILL);
+    for _ in 0..100 {
+        if !process_names(pid, dir) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -120,7 +120,8 @@ fn agent_client_suite_runs_real_containers_in_the_guest() {
 /// tool): a pod boots from a config file with its CRI-derived size, a
 /// container runs from a rootfs and a volume that reach the guest over
 /// virtio-fs, and every teardown (after a stop, an agent boot timeout, a
-/// guest that dies at boot) leaves no process, mount or file.
+/// guest that dies at boot, the cleanup of a pod whose shim died) leaves
+/// no process, mount or file.
 #[test]
 fn shim_sandbox_boots_a_pod_runs_a_container_and_leaves_nothing() {
     let initramfs = guest_initramfs("agent-initramfs.cpio.gz");
@@ -153,6 +154,7 @@ fn shim_sandbox_boots_a_pod_runs_a_container_and_leaves_nothing() {
         "pod_runs_a_container",
         "agent_that_never_answers_times_out",
         "guest_that_dies_at_boot_is_reported",
+        "dead_shims_pod_is_cleaned_up",
     ] {
         assert!(
             run.stdout.contains(&format!("PASS {case}")),

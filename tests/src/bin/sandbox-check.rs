@@ -4,7 +4,8 @@
 //! virtio-fs, and teardown leaves no process, mount or file. Then the two
 //! failed boots: an agent that never answers (timeout) and a guest that
 //! dies at boot (the VMM's exit with the console's last words), each
-//! leaving nothing.
+//! leaving nothing. Last, a pod whose shim died without teardown is
+//! removed by `cleanup` (containerd's `delete` action), twice over.
 //!
 //!   sandbox-check --vmm V --kernel K --initramfs I --virtiofsd F --work DIR
 //!
@@ -345,6 +346,39 @@ async fn guest_that_dies_at_boot_is_reported(args: &Args) -> Result<(), String> 
     }
 }
 
+async fn dead_shims_pod_is_cleaned_up(args: &Args) -> Result<(), String> {
+    let config = config(args, "quiet", 120_000)?;
+    let size = config
+        .vm_size(&BTreeMap::new())
+        .map_err(|e| e.to_string())?;
+    let dir = args.work.join("pod-d");
+    let sandbox = Sandbox::start(&config, "pod-d", &dir, size)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (vmm, virtiofsd) = (sandbox.vmm_pid(), sandbox.virtiofsd_pid());
+    // The shim dies: nothing of it runs its teardown.
+    std::mem::forget(sandbox);
+    if processes_naming(&dir).len() < 2 {
+        return Err(format!(
+            "moat-vmm and virtiofsd should still run: {:?}",
+            processes_naming(&dir)
+        ));
+    }
+    let started = Instant::now();
+    moat_shim::sandbox::cleanup(&dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "sandbox-check: pod-d cleaned up after its shim died in {} ms (pids {vmm:?} {virtiofsd:?})",
+        started.elapsed().as_millis()
+    );
+    nothing_left(&dir)?;
+    // Twice, as containerd may.
+    moat_shim::sandbox::cleanup(&dir)
+        .await
+        .map_err(|e| format!("second cleanup: {e}"))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = std::fs::create_dir_all(&args.work) {
@@ -374,8 +408,15 @@ fn main() -> ExitCode {
                 "guest_that_dies_at_boot_is_reported",
                 guest_that_dies_at_boot_is_reported(&args).await,
             ),
+            (
+                "dead_shims_pod_is_cleaned_up",
+                dead_shims_pod_is_cleaned_up(&args).await,
+            ),
         ]
     });
+    // The dead shim's pod left its forgotten tasks and children behind
+    // in this runtime, as a killed shim would; do not wait on them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     for (name, result) in results {
         match result {
             Ok(()) => println!("PASS {name}"),
@@ -389,6 +430,7 @@ fn main() -> ExitCode {
     if mount_points_below(&args.work).is_ok_and(|m| m.is_empty()) {
         let _ = std::fs::remove_dir_all(&args.work);
     }
+    eprintln!("sandbox-check: done");
     if failed {
         ExitCode::FAILURE
     } else {
