@@ -390,7 +390,7 @@ impl Started {
                     console: console_tail(&console_path),
                 });
             }
-            match check_agent(&vsock).await {
+            match check_agent(&vsock, moat_protocol::DEFAULT_AGENT_PORT).await {
                 Ok((client, api)) if api == moat_protocol::API_VERSION => return Ok(client),
                 Ok((_, api)) => {
                     return Err(SandboxError::AgentVersion {
@@ -539,16 +539,13 @@ async fn stop_child(mut child: Child) -> Option<ExitStatus> {
     }
 }
 
-/// One health and version check through the VM's hybrid vsock; the
-/// client and the agent's API version.
-async fn check_agent(vsock: &Path) -> Result<(AgentServiceClient, u32), String> {
+/// One health and version check of the agent on guest `port`, through
+/// the VM's hybrid vsock socket `vsock`: the connected client and the
+/// agent's API version.
+pub async fn check_agent(vsock: &Path, port: u32) -> Result<(AgentServiceClient, u32), String> {
     let path = vsock.to_path_buf();
     let stream = tokio::task::spawn_blocking(move || {
-        moat_protocol::hybrid_vsock::connect(
-            &path,
-            moat_protocol::DEFAULT_AGENT_PORT,
-            Duration::from_secs(1),
-        )
+        moat_protocol::hybrid_vsock::connect(&path, port, Duration::from_secs(1))
     })
     .await
     .map_err(|e| format!("connect task: {e}"))?

@@ -7,31 +7,11 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use moat_protocol::agent::{CheckRequest, VersionRequest};
-use moat_protocol::agent_ttrpc::AgentServiceClient;
-
-/// One attempt: connect and ask for health and version.
+/// One attempt: connect and ask for health and version, as the shim does.
 async fn check_once(uds: &str, port: u32) -> Result<u32, String> {
-    let stream = moat_tests::af_vsock::connect_hybrid(uds, port)
-        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .map_err(|e| format!("connect: {e}"))?;
-    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
-    let client = AgentServiceClient::new(ttrpc::r#async::Client::new(
-        ttrpc::r#async::transport::Socket::from(stream),
-    ));
-    let ctx = || ttrpc::context::with_timeout(5_000_000_000);
-    let health = client
-        .check(ctx(), &CheckRequest::new())
+    moat_shim::sandbox::check_agent(std::path::Path::new(uds), port)
         .await
-        .map_err(|e| format!("check: {e}"))?;
-    if !health.serving {
-        return Err("agent not serving".into());
-    }
-    let version = client
-        .version(ctx(), &VersionRequest::new())
-        .await
-        .map_err(|e| format!("version: {e}"))?;
-    Ok(version.api_version)
+        .map(|(_, api)| api)
 }
 
 fn main() -> ExitCode {
