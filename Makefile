@@ -10,7 +10,7 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 # scripts install their own too, so each also works on its own.
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps \
-	libseccomp-dev zlib1g-dev pkg-config runc
+	libseccomp-dev zlib1g-dev pkg-config runc containerd bsdutils protobuf-compiler
 
 AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 # The same plus a busybox root filesystem at /busybox, for the agent's
@@ -18,21 +18,26 @@ AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
-.PHONY: demo test deps kernel initramfs guest build build-release lint unit-test \
+.PHONY: demo install test deps kernel initramfs guest build build-release lint unit-test \
 	harness-test test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
 	net-crash-rate
 
 ## demo: build everything, boot a pod microVM and run a container in it
-## through the guest agent (and show what a plain test guest sees).
-demo: deps kernel build-release initramfs guest test-tools
-	@echo "== moat demo: moat-vmm boots the guest kernel with 2 vCPUs, 256 MiB and virtio-rng =="
-	$(KVM_RUN) -- $(TARGET_DIR)/release/moat-vmm \
-		--kernel "$$(kernel-config/build-kernel.sh | tail -n1)" \
-		--initramfs $(TEST_INITRAMFS) --vcpus 2 --memory 256 --rng --append quiet
-	@echo "== moat demo: a pod VM whose /init is moat-agent runs a container =="
-	$(KVM_RUN) -- tests/harness/demo-container $(TARGET_DIR)/release/moat-vmm \
-		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_TEST_INITRAMFS) \
-		$(TARGET_DIR)/release/agent-check $(TARGET_DIR)/release/agent-run
+## through containerd: `ctr run --runtime io.containerd.moat.v2` of a
+## locally built image, in the KVM harness.
+demo: deps kernel build-release guest virtiofsd
+	@echo "== moat demo: containerd runs a container in its own moat microVM =="
+	$(KVM_RUN) -- tests/shim/demo $(TARGET_DIR)/release/moat-vmm \
+		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
+		"$$(tests/harness/install-virtiofsd | tail -n1)" $(TARGET_DIR)/release
+
+## install: moat-vmm, the shim, virtiofsd and the guest into /usr/local,
+## /etc/moat/config.toml, and moat's runtime into containerd's config
+## (deploy/install.sh; PREFIX and DESTDIR as usual).
+install: deps kernel build-release guest virtiofsd
+	deploy/install.sh $(TARGET_DIR)/release/moat-vmm $(TARGET_DIR)/release/containerd-shim-moat-v2 \
+		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
+		"$$(tests/harness/install-virtiofsd | tail -n1)"
 
 ## test: lint, unit tests, the harness self-test and the KVM tests.
 test: deps kernel lint unit-test harness-test kvm-test
@@ -93,12 +98,13 @@ harness-test:
 # transfer rate (1.5 MiB/s against 25 MiB/s).
 test-tools:
 	cargo build -p moat-tests --bins --release
+	cargo build -p containerd-shim-moat-v2 --release
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-tests --bin guest-tool \
 		--release --target x86_64-unknown-linux-gnu
 
 # KVM boots go through the harness one at a time: each starts its own L1.
 kvm-test: test-tools guest virtiofsd
-	cargo test --release -p moat-vmm --test boot --test virtio --test fs --test agent -- --test-threads=1
+	cargo test --release -p moat-vmm --test boot --test virtio --test fs --test agent --test shim -- --test-threads=1
 
 ## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS, and
 ## moat-vmm with memfd guest RAM (--shared-memory) beside them.

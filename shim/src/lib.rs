@@ -15,3 +15,5 @@
 pub mod config;
 pub mod mounts;
 pub mod sandbox;
+pub mod service;
+pub mod stdio;

@@ -129,7 +129,8 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-fn check_id(id: &str) -> Result<(), MountError> {
+/// Checks that a container (or exec) ID is one safe path component.
+pub fn check_id(id: &str) -> Result<(), MountError> {
     let ok = !id.is_empty()
         && id.len() <= 76
         && id != "."
@@ -506,6 +507,12 @@ enum Carry {
 }
 
 /// Decides, before anything is mounted, how each spec mount reaches the guest.
+/// Checks that every spec mount can be carried into the guest, before
+/// anything is mounted or booted.
+pub fn check_mounts(spec_mounts: &[SpecMount]) -> Result<(), MountError> {
+    plan(spec_mounts).map(|_| ())
+}
+
 fn plan(spec_mounts: &[SpecMount]) -> Result<Vec<Carry>, MountError> {
     spec_mounts
         .iter()

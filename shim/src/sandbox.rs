@@ -250,6 +250,11 @@ impl Sandbox {
         &self.client
     }
 
+    /// The pod's guest console log (size-capped).
+    pub fn console_path(&self) -> PathBuf {
+        console_log(&self.dir)
+    }
+
     /// moat-vmm's PID.
     pub fn vmm_pid(&self) -> Option<u32> {
         self.vmm.id()
@@ -580,6 +585,16 @@ fn write_pid_file(id: &str, path: &Path, child: &Child) -> Result<(), SandboxErr
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The guest kernel's panic line in the console log at `path`, if the
+/// guest panicked.
+pub fn guest_panic(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    text.lines()
+        .find(|line| line.contains("Kernel panic"))
+        .map(|line| line.trim().to_string())
 }
 
 /// Removes what a pod whose shim died (SIGKILL) left at `dir`: stops its

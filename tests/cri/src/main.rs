@@ -1,0 +1,463 @@
+//! cri-check: Kubernetes' path to moat without a kubelet. A CRI client
+//! (the `k8s-cri` crate's generated v1 API over containerd's socket) runs
+//! what a kubelet would for host-network pods with RuntimeClass handler
+//! `moat`, and checks each answer. Prints `PASS NAME` or `FAIL NAME: why`
+//! per case; exits 1 if any failed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[derive(Parser)]
+#[command(about = "CRI scenarios against containerd's CRI plugin and moat")]
+struct Args {
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    endpoint: PathBuf,
+    /// The container image (imported into the k8s.io namespace).
+    #[arg(long)]
+    image: String,
+    /// The RuntimeClass handler.
+    #[arg(long, default_value = "moat")]
+    handler: String,
+    /// A scratch directory (pod logs, volumes).
+    #[arg(long)]
+    work: PathBuf,
+    /// Pod cycles of the leak case.
+    #[arg(long, default_value_t = 30)]
+    cycles: u32,
+    /// Cases to run (all when none).
+    cases: Vec<String>,
+}
+
+type Cri = RuntimeServiceClient<Channel>;
+type CaseResult = Result<String, String>;
+
+async fn connect(path: &Path) -> Result<Cri, String> {
+    let path = path.to_path_buf();
+    let channel = Endpoint::try_from("http://[::]:0")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    Ok(RuntimeServiceClient::new(channel))
+}
+
+fn status(what: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
+    move |e| format!("{what}: {} ({:?})", e.message(), e.code())
+}
+
+fn pod_config(name: &str, work: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "moat-test".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: work.join("logs").join(name).display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    // Pod networking is the next issue: host network.
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+struct Pod {
+    id: String,
+    config: PodSandboxConfig,
+}
+
+struct Ctx {
+    cri: Cri,
+    args: Args,
+}
+
+impl Ctx {
+    async fn run_pod(&mut self, name: &str) -> Result<Pod, String> {
+        let config = pod_config(name, &self.args.work);
+        std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
+        let id = self
+            .cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: self.args.handler.clone(),
+            })
+            .await
+            .map_err(status("RunPodSandbox"))?
+            .into_inner()
+            .pod_sandbox_id;
+        Ok(Pod { id, config })
+    }
+
+    async fn create(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        attempt: u32,
+        command: &[&str],
+        mounts: Vec<Mount>,
+    ) -> Result<String, String> {
+        let config = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt,
+            }),
+            image: Some(ImageSpec {
+                image: self.args.image.clone(),
+                ..Default::default()
+            }),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            log_path: format!("{name}_{attempt}.log"),
+            mounts,
+            ..Default::default()
+        };
+        let id = self
+            .cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.id.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod.config.clone()),
+            })
+            .await
+            .map_err(status("CreateContainer"))?
+            .into_inner()
+            .container_id;
+        self.cri
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .map_err(status("StartContainer"))?;
+        Ok(id)
+    }
+
+    async fn exec(&mut self, id: &str, cmd: &[&str]) -> Result<(i32, String), String> {
+        let out = self
+            .cri
+            .exec_sync(ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 60,
+            })
+            .await
+            .map_err(status("ExecSync"))?
+            .into_inner();
+        Ok((
+            out.exit_code,
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
+    }
+
+    async fn state(&mut self, id: &str) -> Result<(i32, i32, String), String> {
+        let status = self
+            .cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .map_err(status("ContainerStatus"))?
+            .into_inner()
+            .status
+            .ok_or("ContainerStatus without a status")?;
+        Ok((status.state, status.exit_code, status.log_path))
+    }
+
+    async fn wait_exited(&mut self, id: &str) -> Result<i32, String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (state, code, _) = self.state(id).await?;
+            if state == ContainerState::ContainerExited as i32 {
+                return Ok(code);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("container {id} still in state {state} after 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn remove_container(&mut self, id: &str) -> Result<(), String> {
+        self.cri
+            .stop_container(StopContainerRequest {
+                container_id: id.into(),
+                timeout: 2,
+            })
+            .await
+            .map_err(status("StopContainer"))?;
+        self.cri
+            .remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map_err(status("RemoveContainer"))?;
+        Ok(())
+    }
+
+    async fn remove_pod(&mut self, pod: &Pod) -> Result<(), String> {
+        self.cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await
+            .map_err(status("StopPodSandbox"))?;
+        self.cri
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await
+            .map_err(status("RemovePodSandbox"))?;
+        Ok(())
+    }
+
+    /// RunPodSandbox → CreateContainer → StartContainer → ExecSync →
+    /// ContainerStatus (and the log file) → StopContainer →
+    /// RemoveContainer → StopPodSandbox → RemovePodSandbox.
+    async fn case_pod_lifecycle(&mut self) -> CaseResult {
+        let pod = self.run_pod("lifecycle").await?;
+        let c = self
+            .create(
+                &pod,
+                "main",
+                0,
+                &[
+                    "sh",
+                    "-c",
+                    "echo hello from cri; echo kernel $(uname -r); sleep 1000",
+                ],
+                vec![],
+            )
+            .await?;
+        let (code, out) = self
+            .exec(&c, &["sh", "-c", "echo exec says hi; exit 4"])
+            .await?;
+        if code != 4 || out != "exec says hi" {
+            return Err(format!("ExecSync: exit {code}, output {out:?}"));
+        }
+        let (state, _, log) = self.state(&c).await?;
+        if state != ContainerState::ContainerRunning as i32 {
+            return Err(format!("ContainerStatus state {state}, want running"));
+        }
+        let log_text = wait_for_log(&log, "hello from cri").await?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if log_text.contains(&format!("kernel {}", host.trim())) {
+            return Err(format!(
+                "the container ran on the host's kernel: {log_text}"
+            ));
+        }
+        self.remove_container(&c).await?;
+        self.remove_pod(&pod).await?;
+        Ok(format!("log file {log} holds the output"))
+    }
+
+    /// Two containers in one pod share its VM (one guest boot ID) and an
+    /// emptyDir-style host directory.
+    async fn case_two_containers_one_vm_and_a_shared_volume(&mut self) -> CaseResult {
+        let pod = self.run_pod("pair").await?;
+        let volume = self.args.work.join("pair-volume");
+        std::fs::create_dir_all(&volume).map_err(|e| e.to_string())?;
+        let mount = || Mount {
+            container_path: "/shared".into(),
+            host_path: volume.display().to_string(),
+            ..Default::default()
+        };
+        let a = self
+            .create(&pod, "writer", 0, &["sleep", "1000"], vec![mount()])
+            .await?;
+        let b = self
+            .create(&pod, "reader", 0, &["sleep", "1000"], vec![mount()])
+            .await?;
+        let boot_id = ["cat", "/proc/sys/kernel/random/boot_id"];
+        let (_, boot_a) = self.exec(&a, &boot_id).await?;
+        let (_, boot_b) = self.exec(&b, &boot_id).await?;
+        if boot_a.is_empty() || boot_a != boot_b {
+            return Err(format!("boot IDs differ: {boot_a:?} and {boot_b:?}"));
+        }
+        self.exec(&a, &["sh", "-c", "echo from the writer > /shared/note"])
+            .await?;
+        let (_, note) = self.exec(&b, &["cat", "/shared/note"]).await?;
+        if note != "from the writer" {
+            return Err(format!("the reader sees {note:?} in the shared volume"));
+        }
+        self.remove_container(&a).await?;
+        self.remove_container(&b).await?;
+        self.remove_pod(&pod).await?;
+        Ok(format!("boot ID {boot_a}"))
+    }
+
+    /// A container that exits is created again (attempt 1) in the same
+    /// pod, as a kubelet restarts it, and runs in the same VM.
+    async fn case_container_restarts_in_its_pod(&mut self) -> CaseResult {
+        let pod = self.run_pod("restart").await?;
+        let first = self
+            .create(
+                &pod,
+                "app",
+                0,
+                &["sh", "-c", "cat /proc/sys/kernel/random/boot_id; exit 2"],
+                vec![],
+            )
+            .await?;
+        let code = self.wait_exited(&first).await?;
+        if code != 2 {
+            return Err(format!("first attempt exited {code}, want 2"));
+        }
+        let (_, _, log) = self.state(&first).await?;
+        let boot_first = wait_for_log(&log, "-").await?;
+        let second = self
+            .create(&pod, "app", 1, &["sleep", "1000"], vec![])
+            .await?;
+        let (_, boot_second) = self
+            .exec(&second, &["cat", "/proc/sys/kernel/random/boot_id"])
+            .await?;
+        if !boot_first.contains(&boot_second) {
+            return Err(format!(
+                "the restarted container runs elsewhere: {boot_second} vs log {boot_first}"
+            ));
+        }
+        self.cri
+            .remove_container(RemoveContainerRequest {
+                container_id: first.clone(),
+            })
+            .await
+            .map_err(status("RemoveContainer"))?;
+        self.remove_container(&second).await?;
+        self.remove_pod(&pod).await?;
+        Ok("attempt 1 ran in the same VM".into())
+    }
+
+    /// Pod after pod: each leaves no VM, virtiofsd, shim or pod state.
+    async fn case_pod_cycles_leave_nothing(&mut self) -> CaseResult {
+        let started = Instant::now();
+        for i in 0..self.args.cycles {
+            let pod = self.run_pod(&format!("cycle{i}")).await?;
+            let c = self
+                .create(&pod, "main", 0, &["sleep", "1000"], vec![])
+                .await?;
+            self.exec(&c, &["true"]).await?;
+            self.remove_container(&c).await?;
+            self.remove_pod(&pod).await?;
+            let left = leftovers();
+            if !left.is_empty() {
+                return Err(format!("after cycle {i}: {left}"));
+            }
+        }
+        Ok(format!(
+            "{} cycles in {:.0} s",
+            self.args.cycles,
+            started.elapsed().as_secs_f64()
+        ))
+    }
+}
+
+/// Waits for a container's CRI log file to contain `needle`.
+async fn wait_for_log(path: &str, needle: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("log file {path} lacks {needle:?}: {text:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// moat processes and pod state directories that are still there.
+fn leftovers() -> String {
+    let mut left = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let first = cmdline.split(' ').next().unwrap_or_default();
+            if ["moat-vmm", "virtiofsd", "containerd-shim-moat-v2"]
+                .iter()
+                .any(|name| first.ends_with(name))
+            {
+                left.push(format!("process {}", cmdline.trim()));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/run/moat/pods/k8s.io") {
+        for entry in entries.flatten() {
+            left.push(format!("pod state {}", entry.path().display()));
+        }
+    }
+    left.join("; ")
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let cri = match connect(&args.endpoint).await {
+        Ok(cri) => cri,
+        Err(e) => {
+            eprintln!("cri-check: {}: {e}", args.endpoint.display());
+            std::process::exit(2);
+        }
+    };
+    let mut cases = args.cases.clone();
+    if cases.is_empty() {
+        cases = [
+            "pod_lifecycle",
+            "two_containers_one_vm_and_a_shared_volume",
+            "container_restarts_in_its_pod",
+            "pod_cycles_leave_nothing",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
+    let mut ctx = Ctx { cri, args };
+    let mut failed = false;
+    for case in cases {
+        println!("cri-check: case {case}");
+        let result = match case.as_str() {
+            "pod_lifecycle" => ctx.case_pod_lifecycle().await,
+            "two_containers_one_vm_and_a_shared_volume" => {
+                ctx.case_two_containers_one_vm_and_a_shared_volume().await
+            }
+            "container_restarts_in_its_pod" => ctx.case_container_restarts_in_its_pod().await,
+            "pod_cycles_leave_nothing" => ctx.case_pod_cycles_leave_nothing().await,
+            other => Err(format!("no case {other}")),
+        };
+        match result {
+            Ok(note) => println!("PASS {case} ({note})"),
+            Err(why) => {
+                failed = true;
+                println!("FAIL {case}: {why}");
+            }
+        }
+    }
+    std::process::exit(i32::from(failed));
+}
