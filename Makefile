@@ -20,7 +20,7 @@ AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo install test deps kernel initramfs guest build build-release lint unit-test \
 	harness-test test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
-	net-crash-rate
+	net-crash-rate bench-start
 
 ## demo: build everything, boot a pod microVM and run a container in it
 ## through containerd: `ctr run --runtime io.containerd.moat.v2` of a
@@ -38,6 +38,16 @@ install: deps kernel build-release guest virtiofsd
 	deploy/install.sh $(TARGET_DIR)/release/moat-vmm $(TARGET_DIR)/release/containerd-shim-moat-v2 \
 		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
 		"$$(tests/harness/install-virtiofsd | tail -n1)"
+
+## bench-start: containers and CRI pods started through containerd, moat
+## against runc (medians and ratios, RUNS=N, default 5), moat's start in
+## phases, and an idle pod's memory (tests/shim/bench-start).
+bench-start: deps kernel build-release guest virtiofsd test-tools
+	tests/shim/write-config $(TARGET_DIR)/moat-bench.toml $(TARGET_DIR)/release/moat-vmm \
+		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
+		"$$(tests/harness/install-virtiofsd | tail -n1)" >/dev/null
+	$(KVM_RUN) -- tests/shim/bench-start /tmp/moat-bench-start $(TARGET_DIR)/release \
+		$(TARGET_DIR)/moat-bench.toml $(TARGET_DIR)/release/cri-check $(or $(RUNS),5)
 
 ## test: lint, unit tests, the harness self-test and the KVM tests.
 test: deps kernel lint unit-test harness-test kvm-test
@@ -98,7 +108,7 @@ harness-test:
 # transfer rate (1.5 MiB/s against 25 MiB/s).
 test-tools:
 	cargo build -p moat-tests --bins --release
-	cargo build -p containerd-shim-moat-v2 --release
+	cargo build -p containerd-shim-moat-v2 -p moat-cri-tests --release
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-tests --bin guest-tool \
 		--release --target x86_64-unknown-linux-gnu
 

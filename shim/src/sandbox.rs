@@ -142,6 +142,16 @@ pub struct Sandbox {
     virtiofsd: Child,
     vmm: Child,
     client: AgentServiceClient,
+    times: BootTimes,
+}
+
+/// Where a pod's boot went, for the log and `make bench-start`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimes {
+    /// From the start to virtiofsd's socket.
+    pub virtiofsd: Duration,
+    /// From moat-vmm's spawn to the agent's first answer.
+    pub vmm_to_agent: Duration,
 }
 
 /// Where a pod's files are.
@@ -163,6 +173,18 @@ impl Sandbox {
         id: &str,
         dir: &Path,
         size: VmSize,
+    ) -> Result<Self, SandboxError> {
+        Self::start_with_hostname(config, id, dir, size, None).await
+    }
+
+    /// [`Sandbox::start`], with the guest's hostname (the pod's, which its
+    /// containers share with the VM) if `hostname` is a valid one.
+    pub async fn start_with_hostname(
+        config: &Config,
+        id: &str,
+        dir: &Path,
+        size: VmSize,
+        hostname: Option<&str>,
     ) -> Result<Self, SandboxError> {
         let io = |what, path: &Path| {
             let (id, path) = (id.to_string(), path.to_path_buf());
@@ -186,13 +208,15 @@ impl Sandbox {
             share: None,
             virtiofsd: None,
             vmm: None,
+            times: BootTimes::default(),
         };
-        match started.boot(config, size).await {
+        match started.boot(config, size, hostname).await {
             Ok(client) => {
                 let Started {
                     share,
                     virtiofsd,
                     vmm,
+                    times,
                     ..
                 } = started;
                 match (share, virtiofsd, vmm) {
@@ -203,6 +227,7 @@ impl Sandbox {
                         virtiofsd,
                         vmm,
                         client,
+                        times,
                     }),
                     (share, virtiofsd, vmm) => {
                         // boot() sets all three before it returns Ok.
@@ -212,6 +237,7 @@ impl Sandbox {
                             share,
                             virtiofsd,
                             vmm,
+                            times,
                         };
                         rest.teardown().await;
                         Err(SandboxError::Io {
@@ -250,6 +276,11 @@ impl Sandbox {
         &self.client
     }
 
+    /// How long the boot's phases took.
+    pub fn boot_times(&self) -> BootTimes {
+        self.times
+    }
+
     /// The pod's guest console log (size-capped).
     pub fn console_path(&self) -> PathBuf {
         console_log(&self.dir)
@@ -275,6 +306,7 @@ impl Sandbox {
             share: Some(self.share),
             virtiofsd: Some(self.virtiofsd),
             vmm: Some(self.vmm),
+            times: self.times,
         };
         let status = started.teardown().await;
         started.check_gone()?;
@@ -289,6 +321,7 @@ struct Started {
     share: Option<PodShare>,
     virtiofsd: Option<Child>,
     vmm: Option<Child>,
+    times: BootTimes,
 }
 
 impl Started {
@@ -296,9 +329,11 @@ impl Started {
         &mut self,
         config: &Config,
         size: VmSize,
+        hostname: Option<&str>,
     ) -> Result<AgentServiceClient, SandboxError> {
         let id = self.id.clone();
         let dir = self.dir.clone();
+        let boot_start = Instant::now();
         let share = PodShare::create(&dir.join("share")).map_err(|source| SandboxError::Mount {
             id: id.clone(),
             source,
@@ -354,7 +389,11 @@ impl Started {
         }
 
         let vsock = vsock_socket(&dir);
-        let append = format!("moat.share={SHARE_TAG} {}", config.vm.kernel_args);
+        let hostname = hostname
+            .filter(|h| valid_hostname(h))
+            .map(|h| format!("moat.hostname={h} "))
+            .unwrap_or_default();
+        let append = format!("moat.share={SHARE_TAG} {hostname}{}", config.vm.kernel_args);
         let mut vmm = Command::new(&config.vm.vmm);
         vmm.arg("--kernel")
             .arg(&config.vm.kernel)
@@ -370,6 +409,8 @@ impl Started {
             .arg(format!("tag={SHARE_TAG},socket={}", fs_socket.display()))
             .arg("--append")
             .arg(append.trim_end());
+        self.times.virtiofsd = boot_start.elapsed();
+        let vmm_start = Instant::now();
         let child = spawn(&id, &config.vm.vmm, &mut vmm, &console)?;
         write_pid_file(&id, &dir.join(VMM_PID), &child)?;
         self.vmm = Some(child);
@@ -396,7 +437,10 @@ impl Started {
                 });
             }
             match check_agent(&vsock, moat_protocol::DEFAULT_AGENT_PORT).await {
-                Ok((client, api)) if api == moat_protocol::API_VERSION => return Ok(client),
+                Ok((client, api)) if api == moat_protocol::API_VERSION => {
+                    self.times.vmm_to_agent = vmm_start.elapsed();
+                    return Ok(client);
+                }
                 Ok((_, api)) => {
                     return Err(SandboxError::AgentVersion {
                         id,
@@ -585,6 +629,21 @@ fn write_pid_file(id: &str, path: &Path, child: &Child) -> Result<(), SandboxErr
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Whether `name` is a hostname (RFC 1123 labels) that may go on the
+/// guest's kernel command line.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// The guest kernel's panic line in the console log at `path`, if the

@@ -449,6 +449,37 @@ pub fn pod_of(id: &str, spec: &oci_spec::runtime::Spec) -> String {
     }
 }
 
+/// Fits a spec's Linux namespaces to the guest. Host namespace paths mean
+/// nothing there, and the VM itself is the pod's network, IPC and UTS
+/// namespace: a CRI sandbox's network, IPC and UTS namespaces and every
+/// namespace given by path (a CRI container joining its sandbox's) are
+/// dropped, so those containers share the VM's. A hostname the container
+/// would then set without a UTS namespace of its own is taken off the
+/// spec and returned: it becomes the VM's hostname when the container
+/// boots the VM. Plain containers (`ctr run`) keep their own namespaces.
+pub fn fit_namespaces(spec: &mut oci_spec::runtime::Spec, cri_sandbox: bool) -> Option<String> {
+    use oci_spec::runtime::LinuxNamespaceType as Ns;
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            namespaces.retain(|ns| {
+                let pod_level = matches!(ns.typ(), Ns::Network | Ns::Ipc | Ns::Uts);
+                ns.path().is_none() && !(cri_sandbox && pod_level)
+            });
+        }
+    }
+    let private_uts = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|ns| ns.typ() == Ns::Uts));
+    if private_uts {
+        return None;
+    }
+    let hostname = spec.hostname().clone();
+    spec.set_hostname(None);
+    hostname.filter(|h| !h.is_empty())
+}
+
 impl TaskService {
     async fn do_create(&self, req: api::CreateTaskRequest) -> TaskResult<api::CreateTaskResponse> {
         let inner = &self.inner;
@@ -463,6 +494,12 @@ impl TaskService {
         let mut spec = read_spec(&bundle)?;
         let pod = pod_of(&id, &spec);
         let owns_vm = pod == id;
+        let cri_sandbox = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(CONTAINER_TYPE))
+            .is_some_and(|t| t == "sandbox");
+        let hostname = fit_namespaces(&mut spec, cri_sandbox);
 
         let mut state = inner.state.lock().await;
         if state.containers.contains_key(&id) {
@@ -542,11 +579,16 @@ impl TaskService {
                 size.memory_mib,
                 config_path.display()
             );
-            let sandbox = Sandbox::start(&config, &pod, &dir, size).await?;
+            let sandbox =
+                Sandbox::start_with_hostname(&config, &pod, &dir, size, hostname.as_deref())
+                    .await?;
+            let times = sandbox.boot_times();
             info!(
-                "pod {pod}: VM up, moat-vmm PID {}, guest console in {}",
+                "pod {pod}: VM up, moat-vmm PID {}, guest console in {}; virtiofsd ready in {} ms, moat-vmm start to the agent's answer {} ms",
                 sandbox.vmm_pid().unwrap_or(0),
-                sandbox.console_path().display()
+                sandbox.console_path().display(),
+                times.virtiofsd.as_millis(),
+                times.vmm_to_agent.as_millis()
             );
             booted = Some(sandbox);
         }
@@ -619,6 +661,7 @@ impl TaskService {
                 inner.clone(),
                 pod.clone(),
                 pid,
+                sandbox.virtiofsd_pid(),
                 sandbox.console_path(),
             ));
             let oom = tokio::spawn(forward_ooms(inner.clone(), agent.clone()));
@@ -956,18 +999,47 @@ async fn run_process(inner: Arc<Inner>, agent: AgentServiceClient, proc: Arc<Pro
     inner.set_exit(&proc, exit, pid).await;
 }
 
-/// Watches moat-vmm; when it is gone, every process still running exits
-/// with 137, and the log says why the VM ended.
-async fn watch_vm(inner: Arc<Inner>, pod: String, pid: u32, console: PathBuf) {
+/// Watches moat-vmm and virtiofsd. The pod cannot run without its
+/// share, so virtiofsd's death stops the VM. When moat-vmm is gone, every
+/// process still running exits with 137, and the log says why the VM
+/// ended.
+async fn watch_vm(
+    inner: Arc<Inner>,
+    pod: String,
+    pid: u32,
+    virtiofsd: Option<u32>,
+    console: PathBuf,
+) {
+    let mut share_lost = false;
     loop {
         tokio::time::sleep(VM_POLL).await;
         if !process_alive(pid) {
             break;
         }
+        if let Some(fs_pid) = virtiofsd.filter(|p| !share_lost && !process_alive(*p)) {
+            // virtiofsd also ends when moat-vmm does (its client went):
+            // give the VMM's own end a moment to show first.
+            tokio::time::sleep(VM_POLL * 5).await;
+            if !process_alive(pid) {
+                break;
+            }
+            share_lost = true;
+            error!("pod {pod}: virtiofsd (PID {fs_pid}) died; the pod's containers lost their filesystems, stopping the VM");
+            if let Ok(vmm) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(vmm),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
     match sandbox::guest_panic(&console) {
         Some(line) => error!(
             "pod {pod}: the guest kernel panicked ({line}); console log {}",
+            console.display()
+        ),
+        None if share_lost => error!(
+            "pod {pod}: the VM stopped after virtiofsd died; console log {}",
             console.display()
         ),
         None => error!(
@@ -1481,5 +1553,123 @@ impl Task for TaskService {
         info!("no containers left: the shim exits");
         self.inner.exit.signal();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> oci_spec::runtime::Spec {
+        let mut base = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+        });
+        if let (Some(base), Some(extra)) = (base.as_object_mut(), json.as_object()) {
+            base.extend(extra.clone());
+        }
+        serde_json::from_value(base).expect("test spec")
+    }
+
+    fn namespace_types(spec: &oci_spec::runtime::Spec) -> Vec<String> {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+            .iter()
+            .map(|ns| format!("{:?}", ns.typ()))
+            .collect()
+    }
+
+    #[test]
+    fn runtime_options_name_the_config_file() {
+        let mut value = vec![0x0a, 1, b'x', 0x12, 16];
+        value.extend_from_slice(b"/etc/moat/a.toml");
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: value.clone(),
+            ..Default::default()
+        };
+        assert_eq!(
+            config_path_from_options(&any),
+            Some(PathBuf::from("/etc/moat/a.toml"))
+        );
+        let other = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        assert_eq!(config_path_from_options(&other), None);
+        let garbage = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: vec![0x12, 200, b'/'],
+            ..Default::default()
+        };
+        assert_eq!(config_path_from_options(&garbage), None);
+    }
+
+    #[test]
+    fn cri_containers_join_their_sandbox_and_others_are_their_own_pod() {
+        let container = spec(serde_json::json!({"annotations": {
+            CONTAINER_TYPE: "container", SANDBOX_ID: "pod-1"}}));
+        assert_eq!(pod_of("c1", &container), "pod-1");
+        let sandbox = spec(serde_json::json!({"annotations": {
+            CONTAINER_TYPE: "sandbox", SANDBOX_ID: "pod-1"}}));
+        assert_eq!(pod_of("pod-1", &sandbox), "pod-1");
+        assert_eq!(pod_of("solo", &spec(serde_json::json!({}))), "solo");
+    }
+
+    #[test]
+    fn only_plain_hostnames_reach_the_kernel_command_line() {
+        for good in ["web-0", "a.b.c", "x"] {
+            assert!(sandbox::valid_hostname(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "x moat.share=evil",
+            "-a",
+            "a..b",
+            &"a".repeat(65),
+        ] {
+            assert!(!sandbox::valid_hostname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn namespaces_fit_the_guest() {
+        // A CRI sandbox with host network: the VM is its network, IPC and
+        // UTS namespace, and its hostname becomes the VM's.
+        let mut sandbox = spec(serde_json::json!({
+            "hostname": "web-0",
+            "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}
+        }));
+        assert_eq!(fit_namespaces(&mut sandbox, true), Some("web-0".into()));
+        assert_eq!(namespace_types(&sandbox), ["Pid", "Mount"]);
+        assert_eq!(sandbox.hostname(), &None);
+
+        // A CRI container joins its sandbox's namespaces by host path:
+        // those are dropped, its own new ones stay.
+        let mut container = spec(serde_json::json!({
+            "hostname": "web-0",
+            "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "mount"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "uts", "path": "/proc/42/ns/uts"},
+                {"type": "network", "path": "/proc/42/ns/net"}]}
+        }));
+        assert_eq!(fit_namespaces(&mut container, false), Some("web-0".into()));
+        assert_eq!(namespace_types(&container), ["Pid", "Mount"]);
+
+        // A plain container keeps its own namespaces and hostname.
+        let mut plain = spec(serde_json::json!({
+            "hostname": "solo",
+            "linux": {"namespaces": [{"type": "uts"}, {"type": "network"}]}
+        }));
+        assert_eq!(fit_namespaces(&mut plain, false), None);
+        assert_eq!(namespace_types(&plain), ["Uts", "Network"]);
+        assert_eq!(plain.hostname(), &Some("solo".into()));
     }
 }

@@ -37,6 +37,9 @@ struct Args {
     /// Pod cycles of the leak case.
     #[arg(long, default_value_t = 30)]
     cycles: u32,
+    /// Execs of the probe case.
+    #[arg(long, default_value_t = 200)]
+    execs: u32,
     /// Cases to run (all when none).
     cases: Vec<String>,
 }
@@ -354,6 +357,80 @@ impl Ctx {
         Ok("attempt 1 ran in the same VM".into())
     }
 
+    /// The agent's open fds, through the pod VM's vsock socket.
+    async fn agent_fds(&self, pod: &Pod) -> Result<u32, String> {
+        let vsock = Path::new("/run/moat/pods/k8s.io")
+            .join(&pod.id)
+            .join("vsock.sock");
+        let (agent, _) =
+            moat_shim::sandbox::check_agent(&vsock, moat_protocol::DEFAULT_AGENT_PORT).await?;
+        let health = agent
+            .check(
+                ttrpc::context::with_timeout(10_000_000_000),
+                &moat_protocol::agent::CheckRequest::new(),
+            )
+            .await
+            .map_err(|e| format!("agent check: {e}"))?;
+        Ok(health.open_fds)
+    }
+
+    /// Exec probes (ExecSync, as a kubelet's exec liveness probe runs
+    /// them) leave the agent's fd count flat.
+    async fn case_exec_probes_keep_the_agent_flat(&mut self) -> CaseResult {
+        let pod = self.run_pod("probes").await?;
+        let c = self
+            .create(&pod, "main", 0, &["sleep", "1000"], vec![])
+            .await?;
+        for _ in 0..10 {
+            self.exec(&c, &["true"]).await?;
+        }
+        let before = self.agent_fds(&pod).await?;
+        for i in 0..self.args.execs {
+            let (code, _) = self.exec(&c, &["true"]).await?;
+            if code != 0 {
+                return Err(format!("exec {i} exited {code}"));
+            }
+        }
+        let after = self.agent_fds(&pod).await?;
+        self.remove_container(&c).await?;
+        self.remove_pod(&pod).await?;
+        // A connection of the check itself may come and go; a leak of
+        // even one fd per exec would show as hundreds.
+        if after > before + 4 {
+            return Err(format!(
+                "the agent held {before} fds before {} execs and {after} after",
+                self.args.execs
+            ));
+        }
+        Ok(format!(
+            "agent fds {before} before and {after} after {} execs",
+            self.args.execs
+        ))
+    }
+
+    /// `make bench-start`: RunPodSandbox until the container runs
+    /// (StartContainer answered), per pod, with this run's handler.
+    async fn case_time_pod_start(&mut self) -> CaseResult {
+        let mut times = Vec::new();
+        for i in 0..self.args.cycles {
+            let started = Instant::now();
+            let pod = self.run_pod(&format!("timed{i}")).await?;
+            let c = self
+                .create(&pod, "main", 0, &["sleep", "1000"], vec![])
+                .await?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            self.remove_container(&c).await?;
+            self.remove_pod(&pod).await?;
+        }
+        let list: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
+        println!(
+            "cri-check: pod start ms ({}): {}",
+            self.args.handler,
+            list.join(" ")
+        );
+        Ok(format!("{} pods", times.len()))
+    }
+
     /// Pod after pod: each leaves no VM, virtiofsd, shim or pod state.
     async fn case_pod_cycles_leave_nothing(&mut self) -> CaseResult {
         let started = Instant::now();
@@ -433,6 +510,7 @@ async fn main() {
             "pod_lifecycle",
             "two_containers_one_vm_and_a_shared_volume",
             "container_restarts_in_its_pod",
+            "exec_probes_keep_the_agent_flat",
             "pod_cycles_leave_nothing",
         ]
         .map(String::from)
@@ -448,7 +526,9 @@ async fn main() {
                 ctx.case_two_containers_one_vm_and_a_shared_volume().await
             }
             "container_restarts_in_its_pod" => ctx.case_container_restarts_in_its_pod().await,
+            "exec_probes_keep_the_agent_flat" => ctx.case_exec_probes_keep_the_agent_flat().await,
             "pod_cycles_leave_nothing" => ctx.case_pod_cycles_leave_nothing().await,
+            "time_pod_start" => ctx.case_time_pod_start().await,
             other => Err(format!("no case {other}")),
         };
         match result {
