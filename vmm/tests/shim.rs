@@ -5,7 +5,11 @@
 
 mod common;
 
-use common::{guest_vmlinux, kvm_run, repo_root, test_tool, vmm_binary};
+use common::{guest_vmlinux, kvm_run_within, repo_root, test_tool, vmm_binary};
+
+/// What each suite may take in L1 (both run about 10 to 12 minutes under
+/// TCG, mostly guest boots).
+const SUITE_TIMEOUT_SECS: u32 = 1800;
 
 /// The shim's config file for the harness: the guest assets under test.
 fn moat_config() -> std::path::PathBuf {
@@ -50,12 +54,15 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
     let shim = test_tool("containerd-shim-moat-v2");
     let config = moat_config();
     let suite = repo_root().join("tests/shim/ctr-suite");
-    let run = kvm_run(&[
-        suite.to_str().expect("utf-8 path"),
-        "/tmp/ctr-suite",
-        shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
-        config.to_str().expect("utf-8 path"),
-    ]);
+    let run = kvm_run_within(
+        &[
+            suite.to_str().expect("utf-8 path"),
+            "/tmp/ctr-suite",
+            shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
+            config.to_str().expect("utf-8 path"),
+        ],
+        SUITE_TIMEOUT_SECS,
+    );
     let all = run.describe();
     for line in run.stdout.lines().filter(|l| {
         l.starts_with("PASS ") || l.starts_with("FAIL ") || l.starts_with("ctr-suite: ")
@@ -99,13 +106,16 @@ fn cri_runs_pods_in_microvms_through_containerd() {
     let cri_check = test_tool("cri-check");
     let config = moat_config();
     let suite = repo_root().join("tests/shim/cri-suite");
-    let run = kvm_run(&[
-        suite.to_str().expect("utf-8 path"),
-        "/tmp/cri-suite",
-        shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
-        config.to_str().expect("utf-8 path"),
-        cri_check.to_str().expect("utf-8 path"),
-    ]);
+    let run = kvm_run_within(
+        &[
+            suite.to_str().expect("utf-8 path"),
+            "/tmp/cri-suite",
+            shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
+            config.to_str().expect("utf-8 path"),
+            cri_check.to_str().expect("utf-8 path"),
+        ],
+        SUITE_TIMEOUT_SECS,
+    );
     let all = run.describe();
     for line in run
         .stdout

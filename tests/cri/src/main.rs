@@ -442,9 +442,18 @@ impl Ctx {
             self.exec(&c, &["true"]).await?;
             self.remove_container(&c).await?;
             self.remove_pod(&pod).await?;
-            let left = leftovers();
-            if !left.is_empty() {
-                return Err(format!("after cycle {i}: {left}"));
+            // The shim exits and containerd reaps it just after
+            // RemovePodSandbox answers.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = leftovers();
+                if left.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("10 s after cycle {i}: {left}"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         Ok(format!(

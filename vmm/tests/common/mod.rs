@@ -124,7 +124,13 @@ impl Run {
 /// Anything else, a guest crash included, is the test's result, and a
 /// second failure is never retried.
 pub fn kvm_run(args: &[&str]) -> Run {
-    let run = kvm_run_once(args);
+    kvm_run_within(args, 600)
+}
+
+/// [`kvm_run`] for scenarios that take longer than its 600 s: kvm-run
+/// stops L1 after `timeout_secs`.
+pub fn kvm_run_within(args: &[&str], timeout_secs: u32) -> Run {
+    let run = kvm_run_once(args, timeout_secs);
     let why = if run.code == 125 && run.stderr.contains("Kernel panic") {
         "L1's kernel panicked (kvm-run exit 125): the nested TCG harness died, not the guest"
             .to_string()
@@ -144,18 +150,18 @@ pub fn kvm_run(args: &[&str]) -> Run {
         .to_string();
     record_rerun(&test, &why);
     eprintln!("{}", run.describe());
-    kvm_run_once(args)
+    kvm_run_once(args, timeout_secs)
 }
 
 /// What `tests/harness/l0-leak-watch` prints for each KVM exit at a guest
 /// rip inside L1's kvm_amd.
 const L0_LEAK: &str = "l0-leak-watch: L0 leaked L1's host state into a guest";
 
-fn kvm_run_once(args: &[&str]) -> Run {
+fn kvm_run_once(args: &[&str], timeout_secs: u32) -> Run {
     let harness = repo_root().join("tests/harness/kvm-run");
     let watch = repo_root().join("tests/harness/l0-leak-watch");
     let out = Command::new(&harness)
-        .args(["--timeout", "600", "--"])
+        .args(["--timeout", &timeout_secs.to_string(), "--"])
         .arg(&watch)
         .args(args)
         .output()
