@@ -35,6 +35,42 @@ fn moat_config() -> std::path::PathBuf {
     path
 }
 
+/// Runs a suite script of `tests/shim/` in the harness with the shim's
+/// directory, the test config and `extra` arguments, echoes its case
+/// lines, and asserts that each of `cases` passed and the suite exited 0.
+fn run_suite(script: &str, work: &str, extra: &[&str], cases: &[&str]) {
+    let shim = test_tool("containerd-shim-moat-v2");
+    let config = moat_config();
+    let suite = repo_root().join("tests/shim").join(script);
+    let mut args = vec![
+        suite.to_str().expect("utf-8 path"),
+        work,
+        shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
+        config.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let run = kvm_run_within(&args, SUITE_TIMEOUT_SECS);
+    let all = run.describe();
+    for line in run.stdout.lines().filter(|l| {
+        l.starts_with("PASS ")
+            || l.starts_with("FAIL ")
+            || l.contains("-suite: ")
+            || l.starts_with("cri-check: ")
+    }) {
+        eprintln!("{line}");
+    }
+    for case in cases {
+        // A case may add a note in parentheses after its name.
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l == format!("PASS {case}") || l.starts_with(&format!("PASS {case} ("))),
+            "{case}: {all}"
+        );
+    }
+    assert_eq!(run.code, 0, "{all}");
+}
+
 /// Every case of `tests/shim/ctr-suite`: exit codes (0, 3, 137 after a
 /// SIGKILL), stdin through `cat` and its end of file, 10 MiB of output
 /// byte-exact, output of containers that exit at once, a tty exec whose
@@ -51,47 +87,28 @@ fn moat_config() -> std::path::PathBuf {
 /// After every case no moat process, mount, pod state or task is left.
 #[test]
 fn ctr_drives_pods_in_microvms_through_containerd() {
-    let shim = test_tool("containerd-shim-moat-v2");
-    let config = moat_config();
-    let suite = repo_root().join("tests/shim/ctr-suite");
-    let run = kvm_run_within(
+    run_suite(
+        "ctr-suite",
+        "/tmp/ctr-suite",
+        &[],
         &[
-            suite.to_str().expect("utf-8 path"),
-            "/tmp/ctr-suite",
-            shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
-            config.to_str().expect("utf-8 path"),
+            "echo_in_a_guest_kernel",
+            "exit_codes",
+            "stdin_reaches_the_container",
+            "ten_mib_of_output_arrive_exactly",
+            "output_of_a_container_that_exits_at_once",
+            "tty_exec_follows_the_window_size",
+            "ps_kill_all_pause_resume_metrics",
+            "two_containers_share_one_vm",
+            "bind_mounts_read_only_and_writable",
+            "vmm_killed_exits_every_task",
+            "refusals_are_clear_and_leave_nothing",
+            "guest_panic_is_reported",
+            "virtiofsd_killed_stops_the_pod",
+            "shim_killed_then_containerd_cleans_up",
+            "install_puts_moat_in_place",
         ],
-        SUITE_TIMEOUT_SECS,
     );
-    let all = run.describe();
-    for line in run.stdout.lines().filter(|l| {
-        l.starts_with("PASS ") || l.starts_with("FAIL ") || l.starts_with("ctr-suite: ")
-    }) {
-        eprintln!("{line}");
-    }
-    for case in [
-        "echo_in_a_guest_kernel",
-        "exit_codes",
-        "stdin_reaches_the_container",
-        "ten_mib_of_output_arrive_exactly",
-        "output_of_a_container_that_exits_at_once",
-        "tty_exec_follows_the_window_size",
-        "ps_kill_all_pause_resume_metrics",
-        "two_containers_share_one_vm",
-        "bind_mounts_read_only_and_writable",
-        "vmm_killed_exits_every_task",
-        "refusals_are_clear_and_leave_nothing",
-        "guest_panic_is_reported",
-        "virtiofsd_killed_stops_the_pod",
-        "shim_killed_then_containerd_cleans_up",
-        "install_puts_moat_in_place",
-    ] {
-        assert!(
-            run.stdout.lines().any(|l| l == format!("PASS {case}")),
-            "{case}: {all}"
-        );
-    }
-    assert_eq!(run.code, 0, "{all}");
 }
 
 /// Every case of `tests/shim/cri-suite`, through containerd's CRI plugin
@@ -102,42 +119,18 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// cycles each leaving nothing; then nothing of moat is left.
 #[test]
 fn cri_runs_pods_in_microvms_through_containerd() {
-    let shim = test_tool("containerd-shim-moat-v2");
     let cri_check = test_tool("cri-check");
-    let config = moat_config();
-    let suite = repo_root().join("tests/shim/cri-suite");
-    let run = kvm_run_within(
+    run_suite(
+        "cri-suite",
+        "/tmp/cri-suite",
+        &[cri_check.to_str().expect("utf-8 path")],
         &[
-            suite.to_str().expect("utf-8 path"),
-            "/tmp/cri-suite",
-            shim.parent().and_then(|p| p.to_str()).expect("utf-8 path"),
-            config.to_str().expect("utf-8 path"),
-            cri_check.to_str().expect("utf-8 path"),
+            "pod_lifecycle",
+            "two_containers_one_vm_and_a_shared_volume",
+            "container_restarts_in_its_pod",
+            "exec_probes_keep_the_agent_flat",
+            "pod_cycles_leave_nothing",
+            "nothing_left_after_the_cri_cases",
         ],
-        SUITE_TIMEOUT_SECS,
     );
-    let all = run.describe();
-    for line in run
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("PASS ") || l.starts_with("FAIL ") || l.starts_with("cri-"))
-    {
-        eprintln!("{line}");
-    }
-    for case in [
-        "pod_lifecycle",
-        "two_containers_one_vm_and_a_shared_volume",
-        "container_restarts_in_its_pod",
-        "exec_probes_keep_the_agent_flat",
-        "pod_cycles_leave_nothing",
-        "nothing_left_after_the_cri_cases",
-    ] {
-        assert!(
-            run.stdout
-                .lines()
-                .any(|l| l == format!("PASS {case}") || l.starts_with(&format!("PASS {case} ("))),
-            "{case}: {all}"
-        );
-    }
-    assert_eq!(run.code, 0, "{all}");
 }
