@@ -74,7 +74,9 @@ fn pod_config(name: &str, work: &Path) -> PodSandboxConfig {
             namespace: "moat-test".into(),
             attempt: 0,
         }),
-        hostname: name.into(),
+        // A kubelet leaves a host-network pod's hostname empty: it is
+        // the node's (runc refuses a hostname without a UTS namespace).
+        hostname: String::new(),
         log_directory: work.join("logs").join(name).display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
