@@ -141,6 +141,7 @@ impl Shim for MoatShim {
             moat_shim::mounts::unmount_all_below(&rootfs)
                 .map_err(|e| Error::Other(e.to_string()))?;
         }
+        remove_dead_socket().await;
         let since = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
@@ -162,6 +163,26 @@ impl Shim for MoatShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         TaskService::new(&self.namespace, publisher, self.exit.clone())
+    }
+}
+
+/// Removes the socket named by the bundle's `address` file once nothing
+/// answers on it: a shim killed with SIGKILL cannot remove its own, and a
+/// socket left in /run/containerd/s outlives the pod. A socket that still
+/// answers belongs to a live shim (another container of the pod) and stays.
+async fn remove_dead_socket() {
+    let Ok(address) = std::fs::read_to_string("address") else {
+        return;
+    };
+    let socket = address.trim().trim_start_matches("unix://").to_string();
+    if socket.is_empty() || !Path::new(&socket).exists() {
+        return;
+    }
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        return;
+    }
+    if let Err(e) = std::fs::remove_file(&socket) {
+        eprintln!("{RUNTIME_ID}: remove the dead shim's socket {socket}: {e}");
     }
 }
 

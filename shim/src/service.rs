@@ -970,6 +970,14 @@ async fn run_process(inner: Arc<Inner>, agent: AgentServiceClient, proc: Arc<Pro
             at: SystemTime::UNIX_EPOCH + Duration::from_nanos(w.exited_at_ns.max(0) as u64),
         },
         Err(e) => {
+            // The agent's connection usually breaks because the VM ended;
+            // the VM watcher then records the exit after logging why (a
+            // guest panic, virtiofsd's death). Give it a few polls to
+            // notice before taking the process as killed.
+            let watcher = exit_rx.wait_for(Option::is_some);
+            if tokio::time::timeout(VM_POLL * 10, watcher).await.is_ok() {
+                return;
+            }
             warn!("{}: wait: {e}; taking it as killed", proc.name());
             Exit {
                 status: VM_GONE_STATUS,
