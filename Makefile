@@ -10,7 +10,8 @@ TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/test-initramfs.cpio
 # scripts install their own too, so each also works on its own.
 DEB_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils bc flex bison \
 	libelf-dev libssl-dev linux-source-6.12 make gcc util-linux iproute2 procps \
-	libseccomp-dev zlib1g-dev pkg-config runc containerd bsdutils protobuf-compiler
+	libseccomp-dev zlib1g-dev pkg-config runc containerd bsdutils protobuf-compiler \
+	containernetworking-plugins iptables
 
 AGENT_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-initramfs.cpio.gz
 # The same plus a busybox root filesystem at /busybox, for the agent's
@@ -98,6 +99,7 @@ unit-test: virtiofsd
 	cargo test --workspace --lib --bins
 	cargo test -p moat-vmm --test bad_config
 	cargo test -p moat-agent --test host
+	cargo test -p containerd-shim-moat-v2 --test network
 
 harness-test:
 	tests/harness/selftest

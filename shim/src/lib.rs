@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod mounts;
+pub mod network;
 pub mod sandbox;
 pub mod service;
 pub mod stdio;
