@@ -18,6 +18,7 @@
 //! failure it stops what it started and removes `dir` before returning
 //! the error, so a failed start leaves nothing behind.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use tokio::process::{Child, Command};
 
 use crate::config::{Config, VmSize};
 use crate::mounts::{MountError, PodShare};
+use crate::network::{NetworkError, PodNetwork};
 
 /// The virtio-fs tag of the pod's share, as the agent's `moat.share=` gets it.
 pub const SHARE_TAG: &str = "moat-pod";
@@ -44,8 +46,13 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The PID files [`cleanup`] reads.
 const VMM_PID: &str = "vmm.pid";
 const VIRTIOFSD_PID: &str = "virtiofsd.pid";
+/// Names the pod's network namespace, so a cleanup after a dead shim can
+/// remove the taps and filters made in it.
+const NETNS_FILE: &str = "netns";
 /// Lines of the console log quoted in an error.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// How long the agent may take over one network setting (ns).
+const AGENT_CALL_NS: i64 = 10_000_000_000;
 
 /// What went wrong starting or stopping a pod's VM.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +139,35 @@ pub enum SandboxError {
         /// The error.
         source: MountError,
     },
+    /// The pod's network namespace could not be carried into the VM.
+    #[error("sandbox {id}: {source}")]
+    Network {
+        /// The pod.
+        id: String,
+        /// The error.
+        source: Box<NetworkError>,
+    },
+    /// The agent refused the pod's network settings.
+    #[error("sandbox {id}: the guest agent could not {what}: {error}")]
+    GuestNetwork {
+        /// The pod.
+        id: String,
+        /// What was asked.
+        what: String,
+        /// The agent's answer.
+        error: String,
+    },
+}
+
+/// What a pod's VM takes from the pod besides its size.
+#[derive(Debug, Clone, Default)]
+pub struct PodSetup {
+    /// The pod's hostname (the VM's), if a valid one.
+    pub hostname: Option<String>,
+    /// The network namespace CNI prepared: its interfaces become the VM's
+    /// and moat-vmm runs in it. None: the VM has only loopback (host
+    /// network pods, plain `ctr run`).
+    pub netns: Option<PathBuf>,
 }
 
 /// A running pod VM whose agent has answered.
@@ -143,6 +179,7 @@ pub struct Sandbox {
     vmm: Child,
     client: AgentServiceClient,
     times: BootTimes,
+    network: Option<PodNetwork>,
 }
 
 /// Where a pod's boot went, for the log and `make bench-start`.
@@ -174,17 +211,18 @@ impl Sandbox {
         dir: &Path,
         size: VmSize,
     ) -> Result<Self, SandboxError> {
-        Self::start_with_hostname(config, id, dir, size, None).await
+        Self::start_pod(config, id, dir, size, &PodSetup::default()).await
     }
 
-    /// [`Sandbox::start`], with the guest's hostname (the pod's, which its
-    /// containers share with the VM) if `hostname` is a valid one.
-    pub async fn start_with_hostname(
+    /// [`Sandbox::start`] for a pod: with its hostname, and with its
+    /// network namespace's interfaces as the VM's, configured in the guest
+    /// before this returns.
+    pub async fn start_pod(
         config: &Config,
         id: &str,
         dir: &Path,
         size: VmSize,
-        hostname: Option<&str>,
+        setup: &PodSetup,
     ) -> Result<Self, SandboxError> {
         let io = |what, path: &Path| {
             let (id, path) = (id.to_string(), path.to_path_buf());
@@ -209,14 +247,20 @@ impl Sandbox {
             virtiofsd: None,
             vmm: None,
             times: BootTimes::default(),
+            network: None,
         };
-        match started.boot(config, size, hostname).await {
+        let booted = match started.boot(config, size, setup).await {
+            Ok(client) => started.configure_network(client).await,
+            Err(e) => Err(e),
+        };
+        match booted {
             Ok(client) => {
                 let Started {
                     share,
                     virtiofsd,
                     vmm,
                     times,
+                    network,
                     ..
                 } = started;
                 match (share, virtiofsd, vmm) {
@@ -228,6 +272,7 @@ impl Sandbox {
                         vmm,
                         client,
                         times,
+                        network,
                     }),
                     (share, virtiofsd, vmm) => {
                         // boot() sets all three before it returns Ok.
@@ -238,6 +283,7 @@ impl Sandbox {
                             virtiofsd,
                             vmm,
                             times,
+                            network,
                         };
                         rest.teardown().await;
                         Err(SandboxError::Io {
@@ -307,6 +353,7 @@ impl Sandbox {
             virtiofsd: Some(self.virtiofsd),
             vmm: Some(self.vmm),
             times: self.times,
+            network: self.network,
         };
         let status = started.teardown().await;
         started.check_gone()?;
@@ -322,6 +369,7 @@ struct Started {
     virtiofsd: Option<Child>,
     vmm: Option<Child>,
     times: BootTimes,
+    network: Option<PodNetwork>,
 }
 
 impl Started {
@@ -329,7 +377,7 @@ impl Started {
         &mut self,
         config: &Config,
         size: VmSize,
-        hostname: Option<&str>,
+        setup: &PodSetup,
     ) -> Result<AgentServiceClient, SandboxError> {
         let id = self.id.clone();
         let dir = self.dir.clone();
@@ -389,7 +437,9 @@ impl Started {
         }
 
         let vsock = vsock_socket(&dir);
-        let hostname = hostname
+        let hostname = setup
+            .hostname
+            .as_deref()
             .filter(|h| valid_hostname(h))
             .map(|h| format!("moat.hostname={h} "))
             .unwrap_or_default();
@@ -409,9 +459,59 @@ impl Started {
             .arg(format!("tag={SHARE_TAG},socket={}", fs_socket.display()))
             .arg("--append")
             .arg(append.trim_end());
+        // Held until moat-vmm is spawned: its pre_exec enters it.
+        let mut netns_file = None;
+        if let Some(netns) = &setup.netns {
+            let record = dir.join(NETNS_FILE);
+            std::fs::write(&record, netns.as_os_str().as_encoded_bytes()).map_err(|source| {
+                SandboxError::Io {
+                    id: id.clone(),
+                    what: "write",
+                    path: record,
+                    source,
+                }
+            })?;
+            let path = netns.clone();
+            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&path))
+                .await
+                .map_err(|e| SandboxError::Io {
+                    id: id.clone(),
+                    what: "attach the network of",
+                    path: netns.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .map_err(|source| SandboxError::Network {
+                    id: id.clone(),
+                    source: Box::new(source),
+                })?;
+            for arg in network.vmm_net_args() {
+                vmm.arg("--net").arg(arg);
+            }
+            self.network = Some(network);
+            let file = std::fs::File::open(netns).map_err(|source| SandboxError::Io {
+                id: id.clone(),
+                what: "open",
+                path: netns.clone(),
+                source,
+            })?;
+            let fd = file.as_raw_fd();
+            // SAFETY: the closure runs in the child between fork and exec
+            // and calls only setns(2), which is async-signal-safe; `fd`
+            // stays open (netns_file) until the spawn returns.
+            unsafe {
+                vmm.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            netns_file = Some(file);
+        }
         self.times.virtiofsd = boot_start.elapsed();
         let vmm_start = Instant::now();
         let child = spawn(&id, &config.vm.vmm, &mut vmm, &console)?;
+        drop(netns_file);
         write_pid_file(&id, &dir.join(VMM_PID), &child)?;
         self.vmm = Some(child);
 
@@ -454,6 +554,52 @@ impl Started {
         }
     }
 
+    /// Hands the pod's network settings to the agent, before any
+    /// container starts: each interface (found by its MAC), then the
+    /// routes.
+    async fn configure_network(
+        &mut self,
+        client: AgentServiceClient,
+    ) -> Result<AgentServiceClient, SandboxError> {
+        let Some(network) = &self.network else {
+            return Ok(client);
+        };
+        let guest_error = |what: String| {
+            let id = self.id.clone();
+            move |e: ttrpc::Error| SandboxError::GuestNetwork {
+                id,
+                what,
+                error: e.to_string(),
+            }
+        };
+        for interface in network.interfaces() {
+            let what = format!(
+                "configure the interface with MAC {} ({})",
+                interface.mac,
+                interface.addresses.join(", ")
+            );
+            let request = moat_protocol::agent::UpdateInterfaceRequest {
+                interface: Some(interface).into(),
+                ..Default::default()
+            };
+            client
+                .update_interface(ttrpc::context::with_timeout(AGENT_CALL_NS), &request)
+                .await
+                .map_err(guest_error(what))?;
+        }
+        if !network.routes.is_empty() {
+            let request = moat_protocol::agent::UpdateRoutesRequest {
+                routes: network.routes.clone(),
+                ..Default::default()
+            };
+            client
+                .update_routes(ttrpc::context::with_timeout(AGENT_CALL_NS), &request)
+                .await
+                .map_err(guest_error(format!("add the routes {:?}", network.routes)))?;
+        }
+        Ok(client)
+    }
+
     /// Stops whatever runs and removes what was made; never fails, so it
     /// can follow any error. Returns the VMM's exit status if it had one.
     async fn teardown(&mut self) -> Option<ExitStatus> {
@@ -461,6 +607,14 @@ impl Started {
             Some(vmm) => stop_child(vmm).await,
             None => None,
         };
+        // The taps and filters go once moat-vmm no longer holds the taps.
+        if let Some(netns) = std::fs::read(self.dir.join(NETNS_FILE))
+            .ok()
+            .map(|bytes| PathBuf::from(String::from_utf8_lossy(&bytes).into_owned()))
+        {
+            detach_network(&self.id, netns).await;
+        }
+        self.network = None;
         if let Some(virtiofsd) = self.virtiofsd.take() {
             stop_child(virtiofsd).await;
         }
@@ -492,6 +646,20 @@ impl Started {
                 source: std::io::Error::other("still present after teardown"),
             }),
         }
+    }
+}
+
+/// Removes the taps and filters made in `netns`; a failure is logged
+/// (teardown goes on: the namespace dies with the pod anyway).
+async fn detach_network(id: &str, netns: PathBuf) {
+    let path = netns.clone();
+    match tokio::task::spawn_blocking(move || PodNetwork::detach(&path)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::warn!("sandbox {id}: {e}"),
+        Err(e) => log::warn!(
+            "sandbox {id}: detach the network of {}: {e}",
+            netns.display()
+        ),
     }
 }
 
@@ -681,6 +849,13 @@ pub async fn cleanup(dir: &Path) -> Result<(), SandboxError> {
         if process_names(pid, dir) {
             stop_pid(pid, dir).await;
         }
+    }
+    if let Ok(bytes) = std::fs::read(dir.join(NETNS_FILE)) {
+        detach_network(
+            &id,
+            PathBuf::from(String::from_utf8_lossy(&bytes).into_owned()),
+        )
+        .await;
     }
     let share = PodShare::open(&dir.join("share"));
     share.destroy().map_err(|source| SandboxError::Mount {

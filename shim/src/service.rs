@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::mounts::{self, MountError, RootfsMount};
-use crate::sandbox::{self, Sandbox, SandboxError};
+use crate::sandbox::{self, PodSetup, Sandbox, SandboxError};
 use crate::stdio;
 
 /// How often the VM watcher looks at moat-vmm.
@@ -449,6 +449,20 @@ pub fn pod_of(id: &str, spec: &oci_spec::runtime::Spec) -> String {
     }
 }
 
+/// The network namespace a CRI sandbox's spec names (the one CNI set up),
+/// if it names one: the pod's VM takes its interfaces. A host-network pod
+/// names none.
+pub fn pod_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
+    use oci_spec::runtime::LinuxNamespaceType as Ns;
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == Ns::Network)
+        .and_then(|ns| ns.path().clone())
+}
+
 /// Fits a spec's Linux namespaces to the guest. Host namespace paths mean
 /// nothing there, and the VM itself is the pod's network, IPC and UTS
 /// namespace: a CRI sandbox's network, IPC and UTS namespaces and every
@@ -499,6 +513,11 @@ impl TaskService {
             .as_ref()
             .and_then(|a| a.get(CONTAINER_TYPE))
             .is_some_and(|t| t == "sandbox");
+        let netns = if cri_sandbox && owns_vm {
+            pod_netns(&spec)
+        } else {
+            None
+        };
         let hostname = fit_namespaces(&mut spec, cri_sandbox);
 
         let mut state = inner.state.lock().await;
@@ -579,9 +598,11 @@ impl TaskService {
                 size.memory_mib,
                 config_path.display()
             );
-            let sandbox =
-                Sandbox::start_with_hostname(&config, &pod, &dir, size, hostname.as_deref())
-                    .await?;
+            let setup = PodSetup {
+                hostname: hostname.clone(),
+                netns: netns.clone(),
+            };
+            let sandbox = Sandbox::start_pod(&config, &pod, &dir, size, &setup).await?;
             let times = sandbox.boot_times();
             info!(
                 "pod {pod}: VM up, moat-vmm PID {}, guest console in {}; virtiofsd ready in {} ms, moat-vmm start to the agent's answer {} ms",
@@ -1643,6 +1664,24 @@ mod tests {
         ] {
             assert!(!sandbox::valid_hostname(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_pod_network_is_the_namespace_cni_prepared() {
+        let pod = spec(serde_json::json!({
+            "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1234"}]}
+        }));
+        assert_eq!(
+            pod_netns(&pod),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        // Host network: no network namespace at all.
+        let host = spec(serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}}));
+        assert_eq!(pod_netns(&host), None);
+        // A new, empty namespace (plain ctr run): nothing to carry.
+        let fresh = spec(serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}}));
+        assert_eq!(pod_netns(&fresh), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! cri-check: Kubernetes' path to moat without a kubelet. A CRI client
 //! (the `k8s-cri` crate's generated v1 API over containerd's socket) runs
-//! what a kubelet would for host-network pods with RuntimeClass handler
-//! `moat`, and checks each answer. Prints `PASS NAME` or `FAIL NAME: why`
+//! what a kubelet would for pods with RuntimeClass handler `moat` (host
+//! network, or the pod network of CNI's bridge plugin), and checks each
+//! answer. Prints `PASS NAME` or `FAIL NAME: why`
 //! per case; exits 1 if any failed.
 
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
     CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -66,7 +67,13 @@ fn status(what: &str) -> impl FnOnce(tonic::Status) -> String + '_ {
     move |e| format!("{what}: {} ({:?})", e.message(), e.code())
 }
 
-fn pod_config(name: &str, work: &Path) -> PodSandboxConfig {
+/// The gateway of the test's CNI network (`deploy/cni/10-moat-bridge.conflist`):
+/// the bridge's address on the host.
+const BRIDGE_GATEWAY: &str = "10.89.0.1";
+/// The CNI network's name, which host-local keeps its allocations under.
+const CNI_NETWORK: &str = "moat-bridge";
+
+fn pod_config(name: &str, work: &Path, pod_network: bool) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.into(),
@@ -76,13 +83,20 @@ fn pod_config(name: &str, work: &Path) -> PodSandboxConfig {
         }),
         // A kubelet leaves a host-network pod's hostname empty: it is
         // the node's (runc refuses a hostname without a UTS namespace).
-        hostname: String::new(),
+        hostname: if pod_network {
+            name.into()
+        } else {
+            String::new()
+        },
         log_directory: work.join("logs").join(name).display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    // Pod networking is the next issue: host network.
-                    network: NamespaceMode::Node as i32,
+                    network: if pod_network {
+                        NamespaceMode::Pod
+                    } else {
+                        NamespaceMode::Node
+                    } as i32,
                     pid: NamespaceMode::Container as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()
@@ -107,7 +121,11 @@ struct Ctx {
 
 impl Ctx {
     async fn run_pod(&mut self, name: &str) -> Result<Pod, String> {
-        let config = pod_config(name, &self.args.work);
+        self.run_pod_on(name, false).await
+    }
+
+    async fn run_pod_on(&mut self, name: &str, pod_network: bool) -> Result<Pod, String> {
+        let config = pod_config(name, &self.args.work, pod_network);
         std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
         let id = self
             .cri
@@ -162,6 +180,25 @@ impl Ctx {
             .await
             .map_err(status("StartContainer"))?;
         Ok(id)
+    }
+
+    /// The pod's addresses, as PodSandboxStatus gives them (IPv4 first).
+    async fn pod_ips(&mut self, pod: &Pod) -> Result<Vec<String>, String> {
+        let status = self
+            .cri
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.id.clone(),
+                verbose: false,
+            })
+            .await
+            .map_err(status("PodSandboxStatus"))?
+            .into_inner()
+            .status
+            .ok_or("PodSandboxStatus without a status")?;
+        let network = status.network.ok_or("PodSandboxStatus without a network")?;
+        let mut ips = vec![network.ip];
+        ips.extend(network.additional_ips.into_iter().map(|ip| ip.ip));
+        Ok(ips.into_iter().filter(|ip| !ip.is_empty()).collect())
     }
 
     async fn exec(&mut self, id: &str, cmd: &[&str]) -> Result<(i32, String), String> {
@@ -434,6 +471,88 @@ impl Ctx {
     }
 
     /// Pod after pod: each leaves no VM, virtiofsd, shim or pod state.
+    /// A pod on CNI's bridge network: a container reaches a TCP server on
+    /// the host side of the bridge, and the host reaches the container's
+    /// HTTP server on the pod's address (IPv4 and IPv6). After the pod is
+    /// gone, host-local holds no address for it.
+    async fn case_pod_network_both_ways(&mut self) -> CaseResult {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .map_err(|e| format!("listen on the host: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let pod = self.run_pod_on("net", true).await?;
+        let ips = self.pod_ips(&pod).await?;
+        let v4 = ips
+            .iter()
+            .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+            .ok_or(format!("no IPv4 pod address in {ips:?}"))?
+            .clone();
+        let c = self
+            .create(
+                &pod,
+                "web",
+                0,
+                &[
+                    "sh",
+                    "-c",
+                    "mkdir -p /tmp/www && echo moat-pod-page > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+                ],
+                vec![],
+            )
+            .await?;
+        let (code, addrs) = self.exec(&c, &["ip", "-o", "addr", "show", "eth0"]).await?;
+        for ip in &ips {
+            if code != 0 || !addrs.contains(&format!(" {ip}/")) {
+                return Err(format!("the container's eth0 lacks {ip}: {addrs}"));
+            }
+        }
+        let accepted = tokio::spawn(async move {
+            let (mut stream, from) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut got = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut got)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((from, got))
+        });
+        let dial = format!("echo from-pod | nc {BRIDGE_GATEWAY} {port}");
+        let (code, out) = self.exec(&c, &["sh", "-c", &dial]).await?;
+        if code != 0 {
+            return Err(format!(
+                "the container could not reach the host: exit {code}, {out}"
+            ));
+        }
+        let (from, got) = tokio::time::timeout(Duration::from_secs(10), accepted)
+            .await
+            .map_err(|_| "the host's server got no connection within 10 s".to_string())?
+            .map_err(|e| e.to_string())??;
+        if got.trim() != "from-pod" || from.ip().to_string() != v4 {
+            return Err(format!(
+                "the host's server got {got:?} from {from}, want \"from-pod\" from {v4}"
+            ));
+        }
+        let mut reached = Vec::new();
+        for ip in &ips {
+            let page = http_get(ip, 8080).await?;
+            if !page.contains("moat-pod-page") {
+                return Err(format!("GET http://{ip}:8080/ answered {page:?}"));
+            }
+            reached.push(ip.clone());
+        }
+        self.remove_container(&c).await?;
+        self.remove_pod(&pod).await?;
+        let held = host_local_allocations();
+        if !held.is_empty() {
+            return Err(format!(
+                "host-local still holds {held:?} after the pod was removed"
+            ));
+        }
+        Ok(format!(
+            "pod {} reached the host at {BRIDGE_GATEWAY} and was reached on {}",
+            v4,
+            reached.join(" and ")
+        ))
+    }
+
     async fn case_pod_cycles_leave_nothing(&mut self) -> CaseResult {
         let started = Instant::now();
         for i in 0..self.args.cycles {
@@ -481,6 +600,48 @@ async fn wait_for_log(path: &str, needle: &str) -> Result<String, String> {
     }
 }
 
+/// GET / from `ip:port` (retried for 20 s while the server starts).
+async fn http_get(ip: &str, port: u16) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = std::net::SocketAddr::new(
+        ip.parse().map_err(|e| format!("pod address {ip:?}: {e}"))?,
+        port,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream
+                .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+                .await?;
+            let mut page = String::new();
+            stream.read_to_string(&mut page).await?;
+            Ok::<_, std::io::Error>(page)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(page)) => return Ok(page),
+            Ok(Err(e)) if Instant::now() > deadline => return Err(format!("GET {addr}: {e}")),
+            Err(_) if Instant::now() > deadline => return Err(format!("GET {addr}: timed out")),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// The addresses host-local has handed out on the test network and not
+/// taken back (its files but its bookkeeping ones).
+fn host_local_allocations() -> Vec<String> {
+    let dir = Path::new("/var/lib/cni/networks").join(CNI_NETWORK);
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with("last_reserved_ip") && name != "lock")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// moat processes and pod state directories that are still there.
 fn leftovers() -> String {
     let mut left = Vec::new();
@@ -522,6 +683,7 @@ async fn main() {
             "two_containers_one_vm_and_a_shared_volume",
             "container_restarts_in_its_pod",
             "exec_probes_keep_the_agent_flat",
+            "pod_network_both_ways",
             "pod_cycles_leave_nothing",
         ]
         .map(String::from)
@@ -539,6 +701,7 @@ async fn main() {
             "container_restarts_in_its_pod" => ctx.case_container_restarts_in_its_pod().await,
             "exec_probes_keep_the_agent_flat" => ctx.case_exec_probes_keep_the_agent_flat().await,
             "pod_cycles_leave_nothing" => ctx.case_pod_cycles_leave_nothing().await,
+            "pod_network_both_ways" => ctx.case_pod_network_both_ways().await,
             "time_pod_start" => ctx.case_time_pod_start().await,
             other => Err(format!("no case {other}")),
         };
