@@ -117,10 +117,16 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 
 /// Every case of `tests/shim/cri-suite`, through containerd's CRI plugin
 /// with handler `moat` and the project's CRI client (`cri-check`): a
-/// pod's whole lifecycle with ExecSync and the CRI log file, two
-/// containers in one VM sharing a host volume, a container restarted in
-/// its pod, 200 exec probes with the agent's fd count flat, and 30 pod
-/// cycles each leaving nothing; then nothing of moat is left.
+/// host-network pod's whole lifecycle with ExecSync and the CRI log file
+/// (its VM has loopback only), two containers in one VM sharing a host
+/// volume, a container restarted in its pod, 200 exec probes with the
+/// agent's fd count flat; on CNI's bridge network (Debian's reference
+/// plugins): a container reaching the host and reached on its IPv4 and
+/// IPv6 addresses, two moat pods and a runc pod reaching each other and a
+/// hostPort (portmap) reaching a moat pod, 256 MiB each way with equal
+/// SHA-256s to the host found by a hosts-file name, with the pod's DNS
+/// settings; and 50 networked pod cycles each leaving nothing (no
+/// process, pod state, network namespace, veth or host-local address).
 #[test]
 fn cri_runs_pods_in_microvms_through_containerd() {
     let cri_check = test_tool("cri-check");
@@ -133,6 +139,9 @@ fn cri_runs_pods_in_microvms_through_containerd() {
             "two_containers_one_vm_and_a_shared_volume",
             "container_restarts_in_its_pod",
             "exec_probes_keep_the_agent_flat",
+            "pod_network_both_ways",
+            "pods_reach_each_other_and_a_host_port",
+            "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
             "nothing_left_after_the_cri_cases",
         ],

@@ -13,10 +13,11 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxMetadata, PodSandboxStatusRequest, PortMapping, Protocol, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -36,7 +37,7 @@ struct Args {
     #[arg(long)]
     work: PathBuf,
     /// Pod cycles of the leak case.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 50)]
     cycles: u32,
     /// Execs of the probe case.
     #[arg(long, default_value_t = 200)]
@@ -126,12 +127,21 @@ impl Ctx {
 
     async fn run_pod_on(&mut self, name: &str, pod_network: bool) -> Result<Pod, String> {
         let config = pod_config(name, &self.args.work, pod_network);
+        let handler = self.args.handler.clone();
+        self.run_pod_with(config, &handler).await
+    }
+
+    async fn run_pod_with(
+        &mut self,
+        config: PodSandboxConfig,
+        handler: &str,
+    ) -> Result<Pod, String> {
         std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
         let id = self
             .cri
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: self.args.handler.clone(),
+                runtime_handler: handler.to_string(),
             })
             .await
             .map_err(status("RunPodSandbox"))?
@@ -202,12 +212,21 @@ impl Ctx {
     }
 
     async fn exec(&mut self, id: &str, cmd: &[&str]) -> Result<(i32, String), String> {
+        self.exec_within(id, cmd, 60).await
+    }
+
+    async fn exec_within(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<(i32, String), String> {
         let out = self
             .cri
             .exec_sync(ExecSyncRequest {
                 container_id: id.into(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: 60,
+                timeout: timeout_s,
             })
             .await
             .map_err(status("ExecSync"))?
@@ -303,6 +322,14 @@ impl Ctx {
             .await?;
         if code != 4 || out != "exec says hi" {
             return Err(format!("ExecSync: exit {code}, output {out:?}"));
+        }
+        // A host-network pod's VM has loopback only: the node's own
+        // interfaces cannot be handed to a guest.
+        let (_, links) = self.exec(&c, &["ls", "/sys/class/net"]).await?;
+        if links.split_whitespace().collect::<Vec<_>>() != ["lo"] {
+            return Err(format!(
+                "a host-network pod's VM has interfaces {links:?}, want lo only"
+            ));
         }
         let (state, _, log) = self.state(&c).await?;
         if state != ContainerState::ContainerRunning as i32 {
@@ -553,10 +580,190 @@ impl Ctx {
         ))
     }
 
+    /// Starts a pod on the bridge network whose container serves `page`
+    /// over HTTP on port 8080; returns the pod, the container and the
+    /// pod's IPv4 address.
+    async fn web_pod(
+        &mut self,
+        name: &str,
+        handler: &str,
+        port_mappings: Vec<PortMapping>,
+    ) -> Result<(Pod, String, String), String> {
+        let mut config = pod_config(name, &self.args.work, true);
+        config.port_mappings = port_mappings;
+        let pod = self.run_pod_with(config, handler).await?;
+        let serve = format!(
+            "mkdir -p /tmp/www && echo {name}-page > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
+        );
+        let c = self
+            .create(&pod, "web", 0, &["sh", "-c", &serve], vec![])
+            .await?;
+        let ips = self.pod_ips(&pod).await?;
+        let v4 = ips
+            .into_iter()
+            .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+            .ok_or(format!("pod {name} has no IPv4 address"))?;
+        Ok((pod, c, v4))
+    }
+
+    /// GET http://ip:8080/ from inside container `c` (busybox wget).
+    async fn fetch_from(&mut self, c: &str, ip: &str) -> Result<String, String> {
+        let url = format!("http://{ip}:8080/index.html");
+        let mut last = String::new();
+        for _ in 0..20 {
+            // Busybox 1.35's wget -T crashes (SIGSEGV) on a Linux 6.x
+            // host kernel, under runc; timeout(1) bounds it instead.
+            let (code, out) = self
+                .exec(c, &["timeout", "10", "wget", "-q", "-O", "-", &url])
+                .await?;
+            if code == 0 {
+                return Ok(out);
+            }
+            last = format!("exit {code}: {out}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(format!("wget {url} from {c}: {last}"))
+    }
+
+    /// Two moat pods and a runc pod on one bridge reach each other; the
+    /// first moat pod's hostPort (portmap) reaches it from the host.
+    async fn case_pods_reach_each_other_and_a_host_port(&mut self) -> CaseResult {
+        const HOST_PORT: i32 = 18080;
+        let moat = self.args.handler.clone();
+        let mapping = PortMapping {
+            protocol: Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port: HOST_PORT,
+            host_ip: String::new(),
+        };
+        let (a, ca, ip_a) = self.web_pod("moat-a", &moat, vec![mapping]).await?;
+        let (b, cb, ip_b) = self.web_pod("moat-b", &moat, vec![]).await?;
+        let (r, cr, ip_r) = self.web_pod("runc-c", "runc", vec![]).await?;
+        for (from, to, ip, want) in [
+            (&ca, "moat-b", &ip_b, "moat-b-page"),
+            (&cb, "moat-a", &ip_a, "moat-a-page"),
+            (&ca, "runc-c", &ip_r, "runc-c-page"),
+            (&cr, "moat-a", &ip_a, "moat-a-page"),
+        ] {
+            let page = self.fetch_from(from, ip).await?;
+            if page.trim() != want {
+                return Err(format!("{to} at {ip} answered {page:?}"));
+            }
+        }
+        let via_port = http_get(BRIDGE_GATEWAY, HOST_PORT as u16).await?;
+        if !via_port.contains("moat-a-page") {
+            return Err(format!("hostPort {HOST_PORT} answered {via_port:?}"));
+        }
+        for (pod, c) in [(&a, &ca), (&b, &cb), (&r, &cr)] {
+            self.remove_container(c).await?;
+            self.remove_pod(pod).await?;
+        }
+        let held = host_local_allocations();
+        if !held.is_empty() {
+            return Err(format!("host-local still holds {held:?}"));
+        }
+        Ok(format!(
+            "moat {ip_a} <-> moat {ip_b}, moat <-> runc {ip_r}, hostPort {HOST_PORT} -> moat {ip_a}:8080"
+        ))
+    }
+
+    /// 256 MiB each way between the host and a moat container, SHA-256
+    /// at both ends; the container finds the host by a name in the pod's
+    /// hosts file and has the pod's DNS settings.
+    async fn case_bulk_each_way_hosts_file_and_dns(&mut self) -> CaseResult {
+        const MIB: u64 = 256;
+        let hosts = self.args.work.join("bulk-hosts");
+        std::fs::write(
+            &hosts,
+            format!("127.0.0.1 localhost\n{BRIDGE_GATEWAY} moat-gateway\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut config = pod_config("bulk", &self.args.work, true);
+        config.dns_config = Some(DnsConfig {
+            servers: vec!["10.89.0.53".into()],
+            searches: vec!["moat.test".into()],
+            options: vec!["ndots:2".into()],
+        });
+        let handler = self.args.handler.clone();
+        let pod = self.run_pod_with(config, &handler).await?;
+        let ips = self.pod_ips(&pod).await?;
+        let hosts_mount = Mount {
+            container_path: "/etc/hosts".into(),
+            host_path: hosts.display().to_string(),
+            ..Default::default()
+        };
+        // Host to container: the container hashes what arrives and prints
+        // the hash to its log.
+        let sink = self
+            .create(
+                &pod,
+                "sink",
+                0,
+                &["sh", "-c", "nc -l -p 9000 | sha256sum"],
+                vec![],
+            )
+            .await?;
+        let c = self
+            .create(&pod, "main", 0, &["sleep", "1000"], vec![hosts_mount])
+            .await?;
+        let (_, resolv) = self.exec(&c, &["cat", "/etc/resolv.conf"]).await?;
+        for want in [
+            "nameserver 10.89.0.53",
+            "search moat.test",
+            "options ndots:2",
+        ] {
+            if !resolv.contains(want) {
+                return Err(format!("/etc/resolv.conf lacks {want:?}: {resolv}"));
+            }
+        }
+        let v4 = ips
+            .iter()
+            .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+            .ok_or("no IPv4 pod address")?
+            .clone();
+        let started = Instant::now();
+        let sent_hash = send_stream(&v4, 9000, MIB << 20).await?;
+        let host_to_pod = started.elapsed();
+        self.wait_exited(&sink).await?;
+        let (_, _, sink_log) = self.state(&sink).await?;
+        let got = wait_for_log(&sink_log, "  -").await?;
+        if !got.contains(&sent_hash) {
+            return Err(format!(
+                "the container hashed {got:?}, the host sent {sent_hash}"
+            ));
+        }
+        // Container to host: the container hashes what it sends.
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .map_err(|e| format!("listen: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let received = tokio::spawn(receive_stream(listener));
+        let send = format!(
+            "mkfifo /tmp/f && (sha256sum </tmp/f >/tmp/sent &) && dd if=/dev/urandom bs=1M count={MIB} 2>/dev/null | tee /tmp/f | nc moat-gateway {port}; while [ ! -s /tmp/sent ]; do sleep 0.1; done; cat /tmp/sent"
+        );
+        let started = Instant::now();
+        let (code, out) = self.exec_within(&c, &["sh", "-c", &send], 600).await?;
+        let pod_to_host = started.elapsed();
+        let (count, hash) = received.await.map_err(|e| e.to_string())??;
+        if code != 0 || count != MIB << 20 || !out.contains(&hash) {
+            return Err(format!(
+                "the container sent (exit {code}) with hash {out:?}; the host got {count} bytes hashing {hash}"
+            ));
+        }
+        self.remove_container(&c).await?;
+        self.remove_container(&sink).await?;
+        self.remove_pod(&pod).await?;
+        Ok(format!(
+            "{MIB} MiB host to pod in {:.1} s, pod to host (by name moat-gateway) in {:.1} s, SHA-256 equal both ways",
+            host_to_pod.as_secs_f64(),
+            pod_to_host.as_secs_f64()
+        ))
+    }
+
     async fn case_pod_cycles_leave_nothing(&mut self) -> CaseResult {
         let started = Instant::now();
         for i in 0..self.args.cycles {
-            let pod = self.run_pod(&format!("cycle{i}")).await?;
+            let pod = self.run_pod_on(&format!("cycle{i}"), true).await?;
             let c = self
                 .create(&pod, "main", 0, &["sleep", "1000"], vec![])
                 .await?;
@@ -627,6 +834,69 @@ async fn http_get(ip: &str, port: u16) -> Result<String, String> {
     }
 }
 
+/// Sends `bytes` of a pseudo-random stream to `ip:port` (retrying the
+/// connect for 20 s while the server starts); returns its SHA-256.
+async fn send_stream(ip: &str, port: u16, bytes: u64) -> Result<String, String> {
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let addr = std::net::SocketAddr::new(ip.parse().map_err(|e| format!("{ip:?}: {e}"))?, port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let mut hasher = sha2::Sha256::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        for word in chunk.chunks_exact_mut(8) {
+            // xorshift64: cheap, and no two chunks alike.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = left.min(chunk.len() as u64) as usize;
+        stream
+            .write_all(&chunk[..n])
+            .await
+            .map_err(|e| format!("send to {addr}: {e}"))?;
+        hasher.update(&chunk[..n]);
+        left -= n as u64;
+    }
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| format!("shutdown: {e}"))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Takes one connection and hashes all it carries: (bytes, SHA-256).
+async fn receive_stream(listener: tokio::net::TcpListener) -> Result<(u64, String), String> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(120), listener.accept())
+        .await
+        .map_err(|_| "no connection within 120 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut count = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        count += n as u64;
+    }
+    Ok((count, format!("{:x}", hasher.finalize())))
+}
+
 /// The addresses host-local has handed out on the test network and not
 /// taken back (its files but its bookkeeping ones).
 fn host_local_allocations() -> Vec<String> {
@@ -663,6 +933,24 @@ fn leftovers() -> String {
             left.push(format!("pod state {}", entry.path().display()));
         }
     }
+    // The pod network's parts: namespaces (with the taps and filters in
+    // them), the bridge's veths, host-local's addresses.
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            left.push(format!("network namespace {}", entry.path().display()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("veth") || name.ends_with("_moat") {
+                left.push(format!("host interface {name}"));
+            }
+        }
+    }
+    for address in host_local_allocations() {
+        left.push(format!("host-local address {address}"));
+    }
     left.join("; ")
 }
 
@@ -684,6 +972,8 @@ async fn main() {
             "container_restarts_in_its_pod",
             "exec_probes_keep_the_agent_flat",
             "pod_network_both_ways",
+            "pods_reach_each_other_and_a_host_port",
+            "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
         ]
         .map(String::from)
@@ -702,6 +992,10 @@ async fn main() {
             "exec_probes_keep_the_agent_flat" => ctx.case_exec_probes_keep_the_agent_flat().await,
             "pod_cycles_leave_nothing" => ctx.case_pod_cycles_leave_nothing().await,
             "pod_network_both_ways" => ctx.case_pod_network_both_ways().await,
+            "pods_reach_each_other_and_a_host_port" => {
+                ctx.case_pods_reach_each_other_and_a_host_port().await
+            }
+            "bulk_each_way_hosts_file_and_dns" => ctx.case_bulk_each_way_hosts_file_and_dns().await,
             "time_pod_start" => ctx.case_time_pod_start().await,
             other => Err(format!("no case {other}")),
         };
