@@ -1356,7 +1356,15 @@ impl Task for TaskService {
                 },
             )
             .await
-            .map_err(agent_error("signal", &proc.name()))?;
+            .map_err(|e| match &e {
+                // The process exited in the guest and its exit is still on
+                // its way here: what runc's shim answers for a finished
+                // process, which containerd's StopContainer takes as done.
+                ttrpc::Error::RpcStatus(status) if status.code.value() == 9 && !req.all => {
+                    TaskError::NotFound(format!("{}: process already finished", proc.name()))
+                }
+                _ => agent_error("signal", &proc.name())(e),
+            })?;
         Ok(api::Empty::new())
     }
 
