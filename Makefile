@@ -21,7 +21,7 @@ AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo install test deps kernel initramfs guest build build-release lint unit-test \
 	harness-test test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
-	net-crash-rate bench-start
+	net-crash-rate bench-start bench-net
 
 ## demo: build everything, boot a pod microVM and run a container in it
 ## through containerd: `ctr run --runtime io.containerd.moat.v2` of a
@@ -39,6 +39,17 @@ install: deps kernel build-release guest virtiofsd
 	deploy/install.sh $(TARGET_DIR)/release/moat-vmm $(TARGET_DIR)/release/containerd-shim-moat-v2 \
 		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
 		"$$(tests/harness/install-virtiofsd | tail -n1)"
+
+## bench-net: pod networking through CNI's bridge, a moat pod against a
+## runc pod in one run: TCP throughput each way and connect+GET latency
+## (median, p99) with moat/runc ratios (tests/shim/bench-net;
+## BENCH_NET_ARGS passes e.g. --bench-mib 128 --bench-rounds 5).
+bench-net: deps kernel build-release guest virtiofsd test-tools
+	tests/shim/write-config $(TARGET_DIR)/moat-bench.toml $(TARGET_DIR)/release/moat-vmm \
+		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
+		"$$(tests/harness/install-virtiofsd | tail -n1)" >/dev/null
+	$(KVM_RUN) -- tests/shim/bench-net /tmp/moat-bench-net $(TARGET_DIR)/release \
+		$(TARGET_DIR)/moat-bench.toml $(TARGET_DIR)/release/cri-check $(BENCH_NET_ARGS)
 
 ## bench-start: containers and CRI pods started through containerd, moat
 ## against runc (medians and ratios, RUNS=N, default 5), moat's start in

@@ -39,6 +39,15 @@ struct Args {
     /// Pod cycles of the leak case.
     #[arg(long, default_value_t = 50)]
     cycles: u32,
+    /// MiB each way per round of the network benchmark.
+    #[arg(long, default_value_t = 64)]
+    bench_mib: u64,
+    /// Rounds of the network benchmark (each pod in turn).
+    #[arg(long, default_value_t = 3)]
+    bench_rounds: u32,
+    /// Connect+GET requests per round of the network benchmark.
+    #[arg(long, default_value_t = 200)]
+    bench_requests: u32,
     /// Execs of the probe case.
     #[arg(long, default_value_t = 200)]
     execs: u32,
@@ -760,6 +769,99 @@ impl Ctx {
         ))
     }
 
+    /// `make bench-net`: a moat pod and a runc pod on the same bridge,
+    /// measured in turn: TCP throughput host to pod and pod to host, and
+    /// the latency of a connect plus an HTTP GET (median, p99); prints
+    /// each figure with the moat/runc ratio.
+    async fn case_bench_net(&mut self) -> CaseResult {
+        let bytes = self.args.bench_mib << 20;
+        // Port 9000 counts what arrives and answers with the count; 9001
+        // sends `bytes` zeros; 8080 serves a page.
+        let serve = format!(
+            "mkdir -p /tmp/www && echo bench > /tmp/www/index.html && \
+             (while true; do nc -l -p 9000 -e sh -c 'wc -c'; done &) && \
+             (while true; do nc -l -p 9001 -e head -c {bytes} /dev/zero; done &) && \
+             exec httpd -f -p 8080 -h /tmp/www"
+        );
+        let mut pods = Vec::new();
+        for handler in [self.args.handler.clone(), "runc".to_string()] {
+            let config = pod_config(&format!("bench-{handler}"), &self.args.work, true);
+            let pod = self.run_pod_with(config, &handler).await?;
+            let c = self
+                .create(&pod, "net", 0, &["sh", "-c", &serve], vec![])
+                .await?;
+            let ip = self
+                .pod_ips(&pod)
+                .await?
+                .into_iter()
+                .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+                .ok_or("no IPv4 pod address")?;
+            http_get(&ip, 8080).await?;
+            pods.push((handler, pod, c, ip));
+        }
+        // [moat, runc] per figure.
+        let mut up = [Vec::new(), Vec::new()];
+        let mut down = [Vec::new(), Vec::new()];
+        let mut latency = [Vec::new(), Vec::new()];
+        for round in 1..=self.args.bench_rounds {
+            for (i, (handler, _, _, ip)) in pods.iter().enumerate() {
+                let mbps_up = send_counted(ip, 9000, bytes).await?;
+                let mbps_down = receive_counted(ip, 9001, bytes).await?;
+                let mut times = Vec::new();
+                for _ in 0..self.args.bench_requests {
+                    let started = Instant::now();
+                    let page = http_get(ip, 8080).await?;
+                    times.push(started.elapsed().as_secs_f64() * 1000.0);
+                    if !page.contains("bench") {
+                        return Err(format!("{handler} pod answered {page:?}"));
+                    }
+                }
+                println!(
+                    "bench-net: round {round} {handler}: host to pod {mbps_up:.0} MiB/s, pod to host {mbps_down:.0} MiB/s, connect+GET median {:.2} ms",
+                    percentile(&mut times.clone(), 0.5)
+                );
+                up[i].push(mbps_up);
+                down[i].push(mbps_down);
+                latency[i].extend(times);
+            }
+        }
+        let [mut up_moat, mut up_runc] = up;
+        let [mut down_moat, mut down_runc] = down;
+        let [mut lat_moat, mut lat_runc] = latency;
+        let (um, ur) = (percentile(&mut up_moat, 0.5), percentile(&mut up_runc, 0.5));
+        let (dm, dr) = (
+            percentile(&mut down_moat, 0.5),
+            percentile(&mut down_runc, 0.5),
+        );
+        let (lm, lr) = (
+            percentile(&mut lat_moat, 0.5),
+            percentile(&mut lat_runc, 0.5),
+        );
+        let (pm, pr) = (
+            percentile(&mut lat_moat, 0.99),
+            percentile(&mut lat_runc, 0.99),
+        );
+        let rounds = self.args.bench_rounds;
+        println!("bench-net: host to pod TCP, median of {rounds} x {} MiB: moat {um:.0} MiB/s, runc {ur:.0} MiB/s, moat/runc {:.2}", self.args.bench_mib, um / ur);
+        println!("bench-net: pod to host TCP, median of {rounds} x {} MiB: moat {dm:.0} MiB/s, runc {dr:.0} MiB/s, moat/runc {:.2}", self.args.bench_mib, dm / dr);
+        println!(
+            "bench-net: connect+GET latency, {} requests: moat median {lm:.2} ms p99 {pm:.2} ms, runc median {lr:.2} ms p99 {pr:.2} ms, moat/runc median {:.2} p99 {:.2}",
+            lat_moat.len(),
+            lm / lr,
+            pm / pr
+        );
+        for (_, pod, c, _) in &pods {
+            self.remove_container(c).await?;
+            self.remove_pod(pod).await?;
+        }
+        Ok(format!(
+            "throughput moat/runc {:.2} up, {:.2} down; latency moat/runc {:.2}",
+            um / ur,
+            dm / dr,
+            lm / lr
+        ))
+    }
+
     async fn case_pod_cycles_leave_nothing(&mut self) -> CaseResult {
         let started = Instant::now();
         for i in 0..self.args.cycles {
@@ -873,6 +975,87 @@ async fn send_stream(ip: &str, port: u16, bytes: u64) -> Result<String, String> 
         .await
         .map_err(|e| format!("shutdown: {e}"))?;
     Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// The `q` quantile of `values` (sorted in place).
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values[index.min(values.len() - 1)]
+}
+
+/// Connects to `ip:port`, retrying for 20 s (a server between
+/// connections re-listens).
+async fn connect_retry(ip: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
+    let addr = std::net::SocketAddr::new(ip.parse().map_err(|e| format!("{ip:?}: {e}"))?, port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Sends `bytes` to a server that answers with the count it got
+/// (`wc -c`); returns MiB/s from the connect to the answer.
+async fn send_counted(ip: &str, port: u16, bytes: u64) -> Result<f64, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = connect_retry(ip, port).await?;
+    let started = Instant::now();
+    let chunk = vec![0u8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        stream
+            .write_all(&chunk[..n])
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        left -= n as u64;
+    }
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .map_err(|e| format!("answer: {e}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    if answer.trim() != bytes.to_string() {
+        return Err(format!("the pod counted {answer:?} of {bytes} bytes"));
+    }
+    Ok(bytes as f64 / (1 << 20) as f64 / secs)
+}
+
+/// Reads everything a server sends (`bytes` of them); returns MiB/s
+/// from the connect to its end.
+async fn receive_counted(ip: &str, port: u16, bytes: u64) -> Result<f64, String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = connect_retry(ip, port).await?;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut count = 0u64;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("receive: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        count += n as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if count != bytes {
+        return Err(format!("got {count} of {bytes} bytes from the pod"));
+    }
+    Ok(bytes as f64 / (1 << 20) as f64 / secs)
 }
 
 /// Takes one connection and hashes all it carries: (bytes, SHA-256).
@@ -997,6 +1180,7 @@ async fn main() {
             }
             "bulk_each_way_hosts_file_and_dns" => ctx.case_bulk_each_way_hosts_file_and_dns().await,
             "time_pod_start" => ctx.case_time_pod_start().await,
+            "bench_net" => ctx.case_bench_net().await,
             other => Err(format!("no case {other}")),
         };
         match result {
