@@ -38,6 +38,9 @@ const TAP_SUFFIX: &str = "_moat";
 const ETH_P_ALL_BE: u16 = 0x0003u16.to_be();
 /// The parent of filters on an ingress qdisc (`ffff:`).
 const INGRESS_PARENT: u32 = 0xffff_0000;
+/// The most interfaces a pod's VM takes (one virtio-net device, one IRQ
+/// and one tap each): a namespace with more is refused, not truncated.
+pub const MAX_INTERFACES: usize = 8;
 
 /// Errors carrying a pod's network into its VM.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,14 @@ pub enum NetworkError {
         name: String,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The namespace has more interfaces than a VM takes.
+    #[error("the pod's network namespace {netns} has {count} interfaces; a moat VM takes at most {MAX_INTERFACES}")]
+    TooMany {
+        /// The namespace's path.
+        netns: PathBuf,
+        /// How many it has (loopback aside).
+        count: usize,
     },
     /// The namespace's worker thread could not run.
     #[error("network namespace {netns}: {what}")]
@@ -267,11 +278,19 @@ async fn links(handle: &Handle, netns: &Path) -> Result<Vec<LinkMessage>> {
 async fn attach_in(handle: Handle, netns: PathBuf) -> Result<PodNetwork> {
     let mut endpoints = Vec::new();
     let mut carried = Vec::new(); // (veth index, guest device)
-    for link in links(&handle, &netns).await? {
+    let candidates: Vec<LinkMessage> = links(&handle, &netns)
+        .await?
+        .into_iter()
+        .filter(|l| !l.header.flags.contains(LinkFlags::Loopback) && !is_moat_tap(&link_name(l)))
+        .collect();
+    if candidates.len() > MAX_INTERFACES {
+        return Err(NetworkError::TooMany {
+            netns,
+            count: candidates.len(),
+        });
+    }
+    for link in candidates {
         let name = link_name(&link);
-        if link.header.flags.contains(LinkFlags::Loopback) || is_moat_tap(&name) {
-            continue;
-        }
         let mac = link.attributes.iter().find_map(|a| match a {
             LinkAttribute::Address(mac) => Some(mac.clone()),
             _ => None,

@@ -299,6 +299,23 @@ fn an_interface_without_a_mac_is_refused_and_nothing_is_left() {
 }
 
 #[test]
+fn more_interfaces_than_a_vm_takes_are_refused_and_nothing_is_left() {
+    require_root();
+    let pod = Netns::new("many");
+    for i in 0..=moat_shim::network::MAX_INTERFACES {
+        let (a, b) = (format!("eth{i}"), format!("peer{i}"));
+        pod.ip(&[
+            "link", "add", "name", &a, "type", "veth", "peer", "name", &b,
+        ]);
+    }
+    let err = PodNetwork::attach(&pod.path()).expect_err("too many interfaces");
+    assert!(matches!(err, NetworkError::TooMany { .. }), "{err}");
+    assert!(err.to_string().contains("at most"), "{err}");
+    let links = pod.ip(&["-o", "link"]);
+    assert!(!links.contains("_moat"), "taps left:\n{links}");
+}
+
+#[test]
 fn a_missing_namespace_is_named() {
     let err = PodNetwork::attach(std::path::Path::new("/run/netns/moat-no-such-ns"))
         .expect_err("no namespace");

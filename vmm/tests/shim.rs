@@ -118,7 +118,7 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// Every case of `tests/shim/cri-suite`, through containerd's CRI plugin
 /// with handler `moat` and the project's CRI client (`cri-check`): a
 /// host-network pod's whole lifecycle with ExecSync and the CRI log file
-/// (its VM has loopback only), two containers in one VM sharing a host
+/// (its VM has no NIC), two containers in one VM sharing a host
 /// volume, a container restarted in its pod, 200 exec probes with the
 /// agent's fd count flat; on CNI's bridge network (Debian's reference
 /// plugins): a container reaching the host and reached on its IPv4 and
