@@ -179,7 +179,6 @@ pub struct Sandbox {
     vmm: Child,
     client: AgentServiceClient,
     times: BootTimes,
-    network: Option<PodNetwork>,
 }
 
 /// Where a pod's boot went, for the log and `make bench-start`.
@@ -260,7 +259,6 @@ impl Sandbox {
                     virtiofsd,
                     vmm,
                     times,
-                    network,
                     ..
                 } = started;
                 match (share, virtiofsd, vmm) {
@@ -272,7 +270,6 @@ impl Sandbox {
                         vmm,
                         client,
                         times,
-                        network,
                     }),
                     (share, virtiofsd, vmm) => {
                         // boot() sets all three before it returns Ok.
@@ -283,7 +280,7 @@ impl Sandbox {
                             virtiofsd,
                             vmm,
                             times,
-                            network,
+                            network: None,
                         };
                         rest.teardown().await;
                         Err(SandboxError::Io {
@@ -353,7 +350,7 @@ impl Sandbox {
             virtiofsd: Some(self.virtiofsd),
             vmm: Some(self.vmm),
             times: self.times,
-            network: self.network,
+            network: None,
         };
         let status = started.teardown().await;
         started.check_gone()?;
@@ -369,6 +366,8 @@ struct Started {
     virtiofsd: Option<Child>,
     vmm: Option<Child>,
     times: BootTimes,
+    /// The pod's network between its attach and the agent's set-up;
+    /// teardown finds the namespace again through `NETNS_FILE`.
     network: Option<PodNetwork>,
 }
 

@@ -15,9 +15,9 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PortMapping, Protocol,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse,
+    PortMapping, Protocol, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -201,17 +201,27 @@ impl Ctx {
         Ok(id)
     }
 
-    /// The pod's addresses, as PodSandboxStatus gives them (IPv4 first).
-    async fn pod_ips(&mut self, pod: &Pod) -> Result<Vec<String>, String> {
-        let status = self
+    async fn sandbox_status(
+        &mut self,
+        pod: &Pod,
+        verbose: bool,
+    ) -> Result<PodSandboxStatusResponse, String> {
+        Ok(self
             .cri
             .pod_sandbox_status(PodSandboxStatusRequest {
                 pod_sandbox_id: pod.id.clone(),
-                verbose: false,
+                verbose,
             })
             .await
             .map_err(status("PodSandboxStatus"))?
-            .into_inner()
+            .into_inner())
+    }
+
+    /// The pod's addresses, as PodSandboxStatus gives them (IPv4 first).
+    async fn pod_ips(&mut self, pod: &Pod) -> Result<Vec<String>, String> {
+        let status = self
+            .sandbox_status(pod, false)
+            .await?
             .status
             .ok_or("PodSandboxStatus without a status")?;
         let network = status.network.ok_or("PodSandboxStatus without a network")?;
@@ -223,16 +233,7 @@ impl Ctx {
     /// The pod's network namespace, from PodSandboxStatus's verbose info
     /// (the network namespace of its `runtimeSpec`).
     async fn pod_netns(&mut self, pod: &Pod) -> Result<PathBuf, String> {
-        let info = self
-            .cri
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: pod.id.clone(),
-                verbose: true,
-            })
-            .await
-            .map_err(status("PodSandboxStatus"))?
-            .into_inner()
-            .info;
+        let info = self.sandbox_status(pod, true).await?.info;
         let json = info
             .get("info")
             .ok_or("PodSandboxStatus has no verbose info")?;
