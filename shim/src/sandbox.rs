@@ -813,6 +813,58 @@ pub fn valid_hostname(name: &str) -> bool {
         })
 }
 
+/// How the VMM with `pid`, a child of this process, ended, in words; read
+/// without reaping it (`WNOWAIT`), so whoever owns the child still gets
+/// its status. `None` while it runs or if it is not our child.
+pub fn vmm_end(pid: u32) -> Option<String> {
+    let pid = libc::id_t::try_from(pid).ok()?;
+    // SAFETY: siginfo_t is plain old data that waitid fills in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid out-pointer; WNOWAIT leaves the child
+    // waitable, WNOHANG makes this a poll.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid filled `info` for an exited child (si_pid non-zero).
+    if rc != 0 || unsafe { info.si_pid() } == 0 {
+        return None;
+    }
+    // SAFETY: as above; si_status is the exit status or the signal.
+    let status = unsafe { info.si_status() };
+    Some(describe_vmm_end(info.si_code, status))
+}
+
+/// Words for a moat-vmm end: `code` is waitid's `si_code` (`CLD_EXITED`,
+/// `CLD_KILLED`, `CLD_DUMPED`), `status` its exit status or signal.
+pub fn describe_vmm_end(code: i32, status: i32) -> String {
+    if code == libc::CLD_EXITED {
+        let what = match status {
+            0 => "the guest powered off or rebooted",
+            1 => "the VMM failed",
+            10 => "guest kernel panic",
+            11 => "triple fault",
+            12 => "vCPU failure",
+            _ => "unknown status",
+        };
+        return format!("exit status {status}: {what}");
+    }
+    let what = match status {
+        libc::SIGSYS => "a seccomp violation",
+        libc::SIGKILL => "killed from outside",
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGABRT | libc::SIGILL => "moat-vmm crashed",
+        _ => "a signal",
+    };
+    let name = nix::sys::signal::Signal::try_from(status)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {status}"));
+    format!("killed by {name}: {what}")
+}
+
 /// The guest kernel's panic line in the console log at `path`, if the
 /// guest panicked.
 pub fn guest_panic(path: &Path) -> Option<String> {
@@ -910,5 +962,63 @@ async fn stop_pid(pid: i32, dir: &Path) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits for `child` to end and returns what `vmm_end` says of it.
+    fn end_of(child: &std::process::Child) -> String {
+        for _ in 0..500 {
+            if let Some(end) = vmm_end(child.id()) {
+                return end;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("child {} did not end", child.id());
+    }
+
+    #[test]
+    fn a_vmm_crash_status_is_named_and_the_child_stays_waitable() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 10"])
+            .spawn()
+            .unwrap();
+        assert_eq!(end_of(&child), "exit status 10: guest kernel panic");
+        // WNOWAIT: the owner still reaps it, with the same status.
+        assert_eq!(child.wait().unwrap().code(), Some(10));
+        assert_eq!(vmm_end(child.id()), None, "reaped: no longer ours");
+    }
+
+    #[test]
+    fn a_seccomp_kill_is_named() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "kill -SYS $$"])
+            .spawn()
+            .unwrap();
+        let end = end_of(&child);
+        assert!(
+            end.starts_with("killed by SIGSYS: a seccomp violation"),
+            "{end}"
+        );
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn every_exit_status_of_moat_vmm_has_words() {
+        assert_eq!(
+            describe_vmm_end(libc::CLD_EXITED, 11),
+            "exit status 11: triple fault"
+        );
+        assert_eq!(
+            describe_vmm_end(libc::CLD_EXITED, 12),
+            "exit status 12: vCPU failure"
+        );
+        assert_eq!(
+            describe_vmm_end(libc::CLD_KILLED, libc::SIGKILL),
+            "killed by SIGKILL: killed from outside"
+        );
     }
 }

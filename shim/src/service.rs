@@ -1062,17 +1062,18 @@ async fn watch_vm(
             }
         }
     }
+    let end = sandbox::vmm_end(pid).unwrap_or_else(|| "its status is not known".into());
     match sandbox::guest_panic(&console) {
         Some(line) => error!(
-            "pod {pod}: the guest kernel panicked ({line}); console log {}",
+            "pod {pod}: the guest kernel panicked ({line}); moat-vmm: {end}; console log {}",
             console.display()
         ),
         None if share_lost => error!(
-            "pod {pod}: the VM stopped after virtiofsd died; console log {}",
+            "pod {pod}: the VM stopped after virtiofsd died ({end}); console log {}",
             console.display()
         ),
         None => error!(
-            "pod {pod}: moat-vmm (PID {pid}) ended while the pod ran; console log {}",
+            "pod {pod}: moat-vmm (PID {pid}) ended while the pod ran ({end}); console log {}",
             console.display()
         ),
     }

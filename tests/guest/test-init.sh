@@ -16,7 +16,8 @@
 #     fs mounts the virtio-fs share tagged moat_fs_ctl (default ctl) at
 #     /ctl and runs the scenario's guest half from it, /ctl/guest.sh (see
 #     vmm/tests/fs.rs and tests/src/bin/bench-fs.rs)
-#   moat_exit=reboot (default) | poweroff
+#   moat_exit=reboot (default) | poweroff | panic (init exits: the kernel
+#     panics with "Attempted to kill init!")
 echo "MOAT_GUEST init started"
 /bin/busybox mkdir -p /proc /sys /dev /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -119,5 +120,6 @@ echo "MOAT_GUEST init done"
 
 case "${moat_exit:-reboot}" in
   poweroff) poweroff -f ;;
+  panic) exit 1 ;;
   *) reboot -f ;;
 esac

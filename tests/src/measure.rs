@@ -83,12 +83,14 @@ fn wait_with_rusage(pid: libc::pid_t, timeout: Duration) -> Option<(i32, u64)> {
 }
 
 /// Runs `command` (stdout is captured, stderr discarded) and measures the
-/// time until a stdout line contains `marker`, then waits for it to exit.
-/// The child is killed if it overruns `timeout` at either step.
+/// time until a stdout line contains `marker`, then waits for it to exit
+/// with one of `ok_statuses`. The child is killed if it overruns `timeout`
+/// at either step.
 pub fn run_to_marker(
     mut command: Command,
     marker: &str,
     timeout: Duration,
+    ok_statuses: &[i32],
 ) -> Result<RunSample, MeasureError> {
     let program = command.get_program().to_string_lossy().into_owned();
     let start = Instant::now();
@@ -140,7 +142,7 @@ pub fn run_to_marker(
     };
     let total = start.elapsed();
     let tail = reader.join().unwrap_or_default();
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+    if !libc::WIFEXITED(status) || !ok_statuses.contains(&libc::WEXITSTATUS(status)) {
         return Err(MeasureError::Failed {
             program,
             status,
@@ -224,7 +226,7 @@ mod tests {
     fn marker_time_total_time_and_rss_are_measured() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo starting; sleep 0.2; echo READY-MARK; sleep 0.2"]);
-        let sample = run_to_marker(cmd, "READY-MARK", Duration::from_secs(10)).unwrap();
+        let sample = run_to_marker(cmd, "READY-MARK", Duration::from_secs(10), &[0]).unwrap();
         assert!(sample.to_marker >= Duration::from_millis(200), "{sample:?}");
         assert!(
             sample.total >= sample.to_marker + Duration::from_millis(200),
@@ -237,7 +239,7 @@ mod tests {
     fn missing_marker_is_an_error_naming_it() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo only-this"]);
-        let err = run_to_marker(cmd, "NEVER", Duration::from_secs(2))
+        let err = run_to_marker(cmd, "NEVER", Duration::from_secs(2), &[0])
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"NEVER\""), "{err}");
@@ -248,7 +250,7 @@ mod tests {
     fn failing_command_is_an_error() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo MARK; exit 3"]);
-        let err = run_to_marker(cmd, "MARK", Duration::from_secs(5)).unwrap_err();
+        let err = run_to_marker(cmd, "MARK", Duration::from_secs(5), &[0]).unwrap_err();
         assert!(matches!(err, MeasureError::Failed { .. }), "{err}");
     }
 }

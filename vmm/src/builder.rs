@@ -239,13 +239,61 @@ fn console_writer(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildE
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| BuildError::SerialFile {
+        SerialOutput::File(path) => Box::new(CappedWriter::new(
+            File::create(path).map_err(|source| BuildError::SerialFile {
                 path: path.clone(),
                 source,
-            })?)
-        }
+            })?,
+            CONSOLE_FILE_CAP,
+        )),
     })
+}
+
+/// The most a `--serial file:` console log grows to; a guest that writes
+/// without end cannot fill the host's disk.
+pub const CONSOLE_FILE_CAP: u64 = 16 << 20;
+
+/// Passes writes through until `cap` bytes, then notes the cut once and
+/// drops the rest (reporting it written, so the guest never stalls).
+pub struct CappedWriter<W> {
+    inner: W,
+    cap: u64,
+    written: u64,
+}
+
+impl<W: Write> CappedWriter<W> {
+    /// A writer that lets at most `cap` bytes of output through to `inner`.
+    pub fn new(inner: W, cap: u64) -> Self {
+        Self {
+            inner,
+            cap,
+            written: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written >= self.cap {
+            return Ok(buf.len());
+        }
+        let room = usize::try_from(self.cap - self.written).unwrap_or(usize::MAX);
+        let take = buf.len().min(room);
+        self.inner.write_all(&buf[..take])?;
+        self.written += take as u64;
+        if self.written >= self.cap {
+            let _ = writeln!(
+                self.inner,
+                "\n[moat-vmm: console log capped at {} bytes; the rest is dropped]",
+                self.cap
+            );
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// The legacy devices on the port bus: COM1 (interrupting through an irqfd),
@@ -510,6 +558,19 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capped_console_stops_growing_at_its_cap() {
+        let mut out = CappedWriter::new(Vec::new(), 100);
+        for _ in 0..1000 {
+            assert_eq!(out.write(&[b'x'; 7]).unwrap(), 7);
+        }
+        let text = String::from_utf8(out.inner).unwrap();
+        assert!(text.starts_with(&"x".repeat(100)), "{text}");
+        assert_eq!(text.matches('x').count(), 100);
+        assert!(text.ends_with("the rest is dropped]\n"), "{text}");
+        assert!(text.len() < 200, "{}", text.len());
+    }
 
     fn guest_memory() -> GuestMemoryMmap {
         memory::create_guest_memory(64 << 20).unwrap()

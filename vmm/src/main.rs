@@ -1,5 +1,7 @@
 //! The `moat-vmm` command: parses flags and an optional JSON config, boots
-//! the microVM, and exits 0 when the guest resets or powers off.
+//! the microVM, and exits 0 when the guest powers off or reboots or the
+//! host sends SIGTERM; a guest panic, a triple fault and a vCPU failure
+//! each have a status of their own (`moat_vmm::shutdown::exit_status`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +15,14 @@ use moat_vmm::config::{
 
 /// Boot a Linux kernel in a KVM microVM.
 #[derive(Debug, Parser)]
-#[command(name = "moat-vmm", version, about)]
+#[command(
+    name = "moat-vmm",
+    version,
+    about,
+    after_help = "Exit status: 0 the guest powered off or rebooted, or SIGTERM/SIGINT; \
+1 the VMM failed (config, host error); 2 bad flags; 10 guest kernel panic; \
+11 triple fault; 12 vCPU failure; killed by SIGSYS: a seccomp violation."
+)]
 struct Cli {
     /// JSON config file; flags override its fields.
     #[arg(long, value_name = "FILE")]
@@ -108,14 +117,18 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
             outcome.stuck_vcpus
         );
     }
+    let status = outcome.reason.exit_status();
     if outcome.reason.is_clean() {
         eprintln!(
             "moat-vmm: guest stopped ({:?}) after {} ms",
             outcome.reason,
             vmm_start.elapsed().as_millis()
         );
-        Ok(ExitCode::SUCCESS)
     } else {
-        Err(format!("VM stopped: {:?}", outcome.reason))
+        eprintln!(
+            "moat-vmm: VM crashed: {} (exit status {status})",
+            outcome.reason
+        );
     }
+    Ok(ExitCode::from(status))
 }

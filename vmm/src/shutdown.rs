@@ -9,24 +9,75 @@ use std::sync::{Arc, Condvar, Mutex};
 /// The reason a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest asked for a reset (i8042 reset line or a triple fault):
-    /// for a microVM that is the end of its life.
+    /// The guest asked for a reset (the i8042 reset line or KVM's reset
+    /// event), which is how Linux reboots with `reboot=k`: a microVM has
+    /// nothing to reboot into, so, as in Firecracker, this is the guest
+    /// ending its own VM on purpose.
     GuestReset,
     /// The guest kernel powered the machine off.
     GuestPowerOff,
+    /// The guest kernel panicked; the text is its panic line.
+    GuestPanic(String),
+    /// A vCPU triple-faulted: the guest's CPU state was beyond repair.
+    TripleFault {
+        /// Which vCPU.
+        vcpu: usize,
+        /// Where it was.
+        rip: u64,
+    },
     /// A vCPU failed in a way the VMM cannot resume from.
     VcpuFailure(String),
     /// The host asked the VMM to stop (SIGTERM or SIGINT, by number).
     HostSignal(i32),
 }
 
+/// moat-vmm's exit statuses. A seccomp violation kills the process with
+/// SIGSYS instead, which its parent sees as a signal, not a status.
+pub mod exit_status {
+    /// The guest powered off or rebooted, or the host asked it to stop.
+    pub const CLEAN: u8 = 0;
+    /// The VMM could not build or run the VM (bad config, host error).
+    pub const VMM_ERROR: u8 = 1;
+    /// The guest kernel panicked.
+    pub const GUEST_PANIC: u8 = 10;
+    /// A vCPU triple-faulted.
+    pub const TRIPLE_FAULT: u8 = 11;
+    /// A vCPU failed (KVM could not run it, or an exit the VMM cannot handle).
+    pub const VCPU_FAILURE: u8 = 12;
+}
+
 impl ExitReason {
-    /// Whether the VM ended the way a guest is allowed to end it.
+    /// Whether the VM ended the way a guest or the host is allowed to end
+    /// it; every other end is a crash.
     pub fn is_clean(&self) -> bool {
-        matches!(
-            self,
-            ExitReason::GuestReset | ExitReason::GuestPowerOff | ExitReason::HostSignal(_)
-        )
+        self.exit_status() == exit_status::CLEAN
+    }
+
+    /// The status moat-vmm exits with for this reason (see [`exit_status`]).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            ExitReason::GuestReset | ExitReason::GuestPowerOff | ExitReason::HostSignal(_) => {
+                exit_status::CLEAN
+            }
+            ExitReason::GuestPanic(_) => exit_status::GUEST_PANIC,
+            ExitReason::TripleFault { .. } => exit_status::TRIPLE_FAULT,
+            ExitReason::VcpuFailure(_) => exit_status::VCPU_FAILURE,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::GuestReset => write!(f, "the guest rebooted"),
+            ExitReason::GuestPowerOff => write!(f, "the guest powered off"),
+            ExitReason::GuestPanic(line) => write!(f, "guest kernel panic: {line}"),
+            ExitReason::TripleFault { vcpu, rip } => {
+                write!(f, "triple fault on vCPU {vcpu} at rip {rip:#x}")
+            }
+            ExitReason::VcpuFailure(what) => write!(f, "vCPU failure: {what}"),
+            ExitReason::HostSignal(signal) => write!(f, "host signal {signal}"),
+        }
     }
 }
 
@@ -159,9 +210,19 @@ mod tests {
     }
 
     #[test]
-    fn only_guest_exits_are_clean() {
+    fn crashes_have_statuses_of_their_own() {
         assert!(ExitReason::GuestReset.is_clean());
         assert!(ExitReason::GuestPowerOff.is_clean());
-        assert!(!ExitReason::VcpuFailure("x".into()).is_clean());
+        assert!(ExitReason::HostSignal(libc::SIGTERM).is_clean());
+        let crashes = [
+            ExitReason::GuestPanic("Kernel panic - not syncing: x".into()),
+            ExitReason::TripleFault { vcpu: 0, rip: 0 },
+            ExitReason::VcpuFailure("x".into()),
+        ];
+        let mut statuses: Vec<u8> = crashes.iter().map(ExitReason::exit_status).collect();
+        assert!(crashes.iter().all(|c| !c.is_clean()));
+        statuses.dedup();
+        assert_eq!(statuses.len(), 3, "{statuses:?}");
+        assert!(!statuses.contains(&exit_status::VMM_ERROR));
     }
 }

@@ -128,6 +128,33 @@ fn guest_power_off_ends_the_vmm_with_status_zero_and_console_goes_to_a_file() {
 }
 
 #[test]
+fn a_guest_kernel_panic_has_an_exit_status_of_its_own() {
+    // The test init exits, so the kernel panics ("Attempted to kill
+    // init!"). moat-vmm must stop at the panic's closing line with status
+    // 10, not take the reset panic=1 does a second later for a clean stop.
+    let initramfs = test_initramfs("boot-panic");
+    let run = boot(
+        &guest_vmlinux(),
+        &initramfs,
+        &["--memory", "128", "--append", "quiet moat_exit=panic"],
+    );
+    let all = run.describe();
+    assert_eq!(run.code, 10, "a guest panic has exit status 10\n{all}");
+    assert!(
+        run.stderr.contains(
+            "moat-vmm: the guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"
+        ),
+        "{all}"
+    );
+    assert!(
+        run.stderr
+            .contains("moat-vmm: VM crashed: guest kernel panic: Kernel panic - not syncing"),
+        "{all}"
+    );
+    assert!(!run.stderr.contains("guest stopped"), "{all}");
+}
+
+#[test]
 fn bzimage_boots_with_one_vcpu_from_a_json_config() {
     let initramfs = test_initramfs("boot-bzimage");
     let config = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bzimage-config.json");
@@ -192,9 +219,16 @@ fn a_guests_triple_fault_is_reported_with_its_vmcb_state() {
         &["--memory", "128", "--append", "quiet reboot=t"],
     );
     let all = run.describe();
-    assert_eq!(run.code, 0, "{all}");
-    assert!(run.stderr.contains("triple fault (guest reset)"), "{all}");
-    assert!(run.stderr.contains("guest stopped (GuestReset)"), "{all}");
+    assert_eq!(run.code, 11, "a triple fault has exit status 11\n{all}");
+    assert!(
+        run.stderr.contains("vCPU 0: triple fault at rip 0x"),
+        "{all}"
+    );
+    assert!(
+        run.stderr
+            .contains("moat-vmm: VM crashed: triple fault on vCPU 0 at rip 0x"),
+        "{all}"
+    );
     if !run.stderr.contains("kvm-run: mode=l1 ") {
         return; // a real KVM host: the watch is the TCG harness's own
     }

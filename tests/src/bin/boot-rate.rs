@@ -534,7 +534,7 @@ mod tests {
         let mut crash = Command::new("sh");
         crash.args([
             "-c",
-            "echo 'moat-vmm: vCPU 0: triple fault (guest reset)' >&2",
+            "echo 'moat-vmm: vCPU 0: triple fault at rip 0xffffffff81000000' >&2",
         ]);
         match boot_once(crash, "MARK", Duration::from_secs(10)) {
             Outcome::Crash { kind, tail } => {

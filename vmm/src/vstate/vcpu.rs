@@ -246,13 +246,16 @@ impl Vcpu {
                 Ok(VcpuExit::MmioRead(addr, data)) => buses.mmio.read(addr, data),
                 Ok(VcpuExit::MmioWrite(addr, data)) => buses.mmio.write(addr, data),
                 Ok(VcpuExit::Intr) => {}
-                // A triple fault resets a PC; for a microVM that ends it.
-                // Linux's reboot=t ends this way on purpose; anything else
-                // is a crash, so say where the vCPU was.
+                // A triple fault resets a PC; for a microVM it is a crash
+                // (Linux's reboot=t ends this way on purpose, and still
+                // gets the crash status: the guest's own choice of death).
                 Ok(VcpuExit::Shutdown) => {
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                    eprintln!("moat-vmm: vCPU {index}: triple fault (guest reset) at rip {rip:#x}");
-                    stop.raise(ExitReason::GuestReset);
+                    eprintln!("moat-vmm: vCPU {index}: triple fault at rip {rip:#x}");
+                    stop.raise(ExitReason::TripleFault {
+                        vcpu: usize::from(index),
+                        rip,
+                    });
                 }
                 // With the in-kernel LAPIC KVM handles HLT itself; an exit
                 // here means the guest halted for good.

@@ -4,8 +4,11 @@
 //! the kernel's own last words: without ACPI a Linux guest has no power-off
 //! device, so on power-off or halt it prints one of [`HALT_LINES`] and stops
 //! its CPUs with interrupts disabled, which KVM never reports. That line is
-//! the one sign that the guest is done for good. (A guest that prints it
-//! from user space can only end its own VM, which it may do anyway.)
+//! the one sign that the guest is done for good. A kernel panic is watched
+//! the same way: its closing line ([`PANIC_END`]) stops the VM with
+//! [`ExitReason::GuestPanic`] at once, instead of the clean-looking reset
+//! that `panic=1` would do a second later. (A guest that prints either
+//! line from user space can only end its own VM, which it may do anyway.)
 
 use std::io::{self, Write};
 
@@ -30,6 +33,11 @@ pub const HALT_LINES: [&[u8]; 3] = [
     b"reboot: Power off not available: System halted instead",
     b"reboot: System halted",
 ];
+/// The start of the kernel's panic line (`Kernel panic - not syncing: …`).
+pub const PANIC_START: &[u8] = b"Kernel panic - not syncing";
+/// The start of the line the kernel prints once it has said all it will
+/// about a panic (`---[ end Kernel panic - not syncing: … ]---`).
+pub const PANIC_END: &[u8] = b"---[ end Kernel panic - not syncing";
 /// Longest line prefix kept for that check; console lines can be longer.
 const MAX_TRACKED_LINE: usize = 512;
 
@@ -38,6 +46,8 @@ pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
     stop: StopSignal,
+    /// The panic line, once the kernel has printed one.
+    panic_line: Option<String>,
 }
 
 impl ConsoleSink {
@@ -47,6 +57,7 @@ impl ConsoleSink {
             out,
             line: Vec::with_capacity(MAX_TRACKED_LINE),
             stop,
+            panic_line: None,
         }
     }
 
@@ -57,12 +68,31 @@ impl ConsoleSink {
                 if HALT_LINES.iter().any(|halt| line.ends_with(halt)) {
                     self.stop.raise(ExitReason::GuestPowerOff);
                 }
+                // Console lines start with a timestamp unless printk.time=0;
+                // the closing line holds the opening one's words too.
+                if find(line, PANIC_END).is_some() {
+                    let panic_line = self
+                        .panic_line
+                        .take()
+                        .unwrap_or_else(|| String::from_utf8_lossy(line).trim().to_string());
+                    eprintln!("moat-vmm: the guest kernel panicked: {panic_line}");
+                    self.stop.raise(ExitReason::GuestPanic(panic_line));
+                } else if let Some(at) = find(line, PANIC_START) {
+                    if self.panic_line.is_none() {
+                        self.panic_line = Some(String::from_utf8_lossy(&line[at..]).into_owned());
+                    }
+                }
                 self.line.clear();
             }
             _ if self.line.len() < MAX_TRACKED_LINE => self.line.push(byte),
             _ => {}
         }
     }
+}
+
+/// Where `needle` starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 impl Write for ConsoleSink {
@@ -192,6 +222,40 @@ mod tests {
             b"reboot: Power down is what we print at the end\n",
         );
         assert_eq!(stop.reason(), None);
+    }
+
+    #[test]
+    fn a_kernel_panic_stops_the_vm_once_the_kernel_has_said_all() {
+        let (mut dev, _, stop, _) = device();
+        send(
+            &mut dev,
+            b"[    2.5] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n",
+        );
+        send(
+            &mut dev,
+            b"[    2.5] CPU: 0 PID: 1 Comm: init Not tainted 6.12.0\r\n",
+        );
+        assert_eq!(stop.reason(), None, "the stack dump comes first");
+        send(
+            &mut dev,
+            b"[    2.6] ---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100 ]---\r\n",
+        );
+        assert_eq!(
+            stop.reason(),
+            Some(ExitReason::GuestPanic(
+                "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_panic_end_line_alone_still_counts() {
+        let (mut dev, _, stop, _) = device();
+        send(
+            &mut dev,
+            b"---[ end Kernel panic - not syncing: sysrq ]---\n",
+        );
+        assert!(matches!(stop.reason(), Some(ExitReason::GuestPanic(_))));
     }
 
     #[test]
