@@ -140,6 +140,9 @@ pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::
 #[derive(Debug, Clone, Default)]
 pub struct StopSignal {
     inner: Arc<(Mutex<Option<ExitReason>>, Condvar)>,
+    /// The guest kernel's panic line, once the console has shown one: the
+    /// reset that a panic ends in (`panic=N`) is then the panic's.
+    panic_line: Arc<Mutex<Option<String>>>,
     // Lock-free copy of "a reason is set", checked by vCPUs on every exit.
     raised: Arc<AtomicBool>,
 }
@@ -150,8 +153,29 @@ impl StopSignal {
         Self::default()
     }
 
+    /// Notes that the guest kernel panicked (its panic line): a guest
+    /// reset raised after this is reported as [`ExitReason::GuestPanic`].
+    pub fn note_guest_panic(&self, line: String) {
+        self.panic_line
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_or_insert(line);
+    }
+
+    /// The panic line noted by [`Self::note_guest_panic`], if any.
+    pub fn guest_panic(&self) -> Option<String> {
+        self.panic_line
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Records `reason` unless another reason came first, and wakes the waiter.
     pub fn raise(&self, reason: ExitReason) {
+        let reason = match (reason, self.guest_panic()) {
+            (ExitReason::GuestReset, Some(line)) => ExitReason::GuestPanic(line),
+            (reason, _) => reason,
+        };
         let (lock, cvar) = &*self.inner;
         let mut slot = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if slot.is_none() {
@@ -207,6 +231,20 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), ExitReason::GuestPowerOff);
         assert_eq!(signal.reason(), Some(ExitReason::GuestPowerOff));
         assert!(signal.is_raised());
+    }
+
+    #[test]
+    fn a_reset_after_a_panic_is_the_panics() {
+        let signal = StopSignal::new();
+        signal.note_guest_panic("Kernel panic - not syncing: x".into());
+        signal.note_guest_panic("a later one".into());
+        signal.raise(ExitReason::GuestReset);
+        assert_eq!(
+            signal.reason(),
+            Some(ExitReason::GuestPanic(
+                "Kernel panic - not syncing: x".into()
+            ))
+        );
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! device, so on power-off or halt it prints one of [`HALT_LINES`] and stops
 //! its CPUs with interrupts disabled, which KVM never reports. That line is
 //! the one sign that the guest is done for good. A kernel panic is watched
-//! the same way: its closing line ([`PANIC_END`]) stops the VM with
-//! [`ExitReason::GuestPanic`] at once, instead of the clean-looking reset
-//! that `panic=1` would do a second later. (A guest that prints either
+//! the same way: its panic line is noted on the [`StopSignal`] (so the
+//! reset it ends in is reported as [`ExitReason::GuestPanic`], not as a
+//! clean reboot), and the line after its stack dump ([`PANIC_REBOOT`] or
+//! [`PANIC_END`]) stops the VM at once instead of a second later. (A guest that prints either
 //! line from user space can only end its own VM, which it may do anyway.)
 
 use std::io::{self, Write};
@@ -38,6 +39,9 @@ pub const PANIC_START: &[u8] = b"Kernel panic - not syncing";
 /// The start of the line the kernel prints once it has said all it will
 /// about a panic (`---[ end Kernel panic - not syncing: … ]---`).
 pub const PANIC_END: &[u8] = b"---[ end Kernel panic - not syncing";
+/// The start of the line a panic with `panic=N` (N > 0) prints before it
+/// waits N seconds and resets.
+pub const PANIC_REBOOT: &[u8] = b"Rebooting in ";
 /// Longest line prefix kept for that check; console lines can be longer.
 const MAX_TRACKED_LINE: usize = 512;
 
@@ -46,8 +50,6 @@ pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
     stop: StopSignal,
-    /// The panic line, once the kernel has printed one.
-    panic_line: Option<String>,
 }
 
 impl ConsoleSink {
@@ -57,7 +59,6 @@ impl ConsoleSink {
             out,
             line: Vec::with_capacity(MAX_TRACKED_LINE),
             stop,
-            panic_line: None,
         }
     }
 
@@ -68,18 +69,20 @@ impl ConsoleSink {
                 if HALT_LINES.iter().any(|halt| line.ends_with(halt)) {
                     self.stop.raise(ExitReason::GuestPowerOff);
                 }
-                // Console lines start with a timestamp unless printk.time=0;
-                // the closing line holds the opening one's words too.
-                if find(line, PANIC_END).is_some() {
-                    let panic_line = self
-                        .panic_line
-                        .take()
-                        .unwrap_or_else(|| String::from_utf8_lossy(line).trim().to_string());
-                    eprintln!("moat-vmm: the guest kernel panicked: {panic_line}");
-                    self.stop.raise(ExitReason::GuestPanic(panic_line));
-                } else if let Some(at) = find(line, PANIC_START) {
-                    if self.panic_line.is_none() {
-                        self.panic_line = Some(String::from_utf8_lossy(&line[at..]).into_owned());
+                // Console lines start with a timestamp unless printk.time=0.
+                // After the panic line and the stack dump, the kernel says
+                // it reboots (panic=N) or closes the panic (panic=0, and it
+                // halts); stop there instead of a second later.
+                if let Some(at) = find(line, PANIC_START) {
+                    if self.stop.guest_panic().is_none() && find(line, PANIC_END).is_none() {
+                        let text = String::from_utf8_lossy(&line[at..]).into_owned();
+                        eprintln!("moat-vmm: the guest kernel panicked: {text}");
+                        self.stop.note_guest_panic(text);
+                    }
+                }
+                if let Some(panic_line) = self.stop.guest_panic() {
+                    if find(line, PANIC_END).is_some() || find(line, PANIC_REBOOT).is_some() {
+                        self.stop.raise(ExitReason::GuestPanic(panic_line));
                     }
                 }
                 self.line.clear();
@@ -249,13 +252,23 @@ mod tests {
     }
 
     #[test]
-    fn a_panic_end_line_alone_still_counts() {
+    fn a_panic_ends_at_the_reboot_line_and_only_after_a_panic_line() {
         let (mut dev, _, stop, _) = device();
         send(
             &mut dev,
             b"---[ end Kernel panic - not syncing: sysrq ]---\n",
         );
-        assert!(matches!(stop.reason(), Some(ExitReason::GuestPanic(_))));
+        send(&mut dev, b"[ 1.0] Rebooting in 1 seconds..\n");
+        assert_eq!(stop.reason(), None, "no panic line came first");
+        send(&mut dev, b"[ 2.0] Kernel panic - not syncing: sysrq\n");
+        assert_eq!(stop.reason(), None);
+        send(&mut dev, b"[ 2.1] Rebooting in 1 seconds..\n");
+        assert_eq!(
+            stop.reason(),
+            Some(ExitReason::GuestPanic(
+                "Kernel panic - not syncing: sysrq".into()
+            ))
+        );
     }
 
     #[test]
