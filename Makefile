@@ -20,7 +20,7 @@ AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo install test deps kernel initramfs guest build build-release lint unit-test \
-	harness-test test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
+	harness-test fuzz-smoke test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
 	net-crash-rate bench-start bench-net
 
 ## demo: build everything, boot a pod microVM and run a container in it
@@ -61,8 +61,9 @@ bench-start: deps kernel build-release guest virtiofsd test-tools
 	$(KVM_RUN) -- tests/shim/bench-start /tmp/moat-bench-start $(TARGET_DIR)/release \
 		$(TARGET_DIR)/moat-bench.toml $(TARGET_DIR)/release/cri-check $(or $(RUNS),5)
 
-## test: lint, unit tests, the harness self-test and the KVM tests.
-test: deps kernel lint unit-test harness-test kvm-test
+## test: lint, unit tests, every fuzz target for a minute, the harness
+## self-test and the KVM tests.
+test: deps kernel lint unit-test fuzz-smoke harness-test kvm-test
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
@@ -115,6 +116,11 @@ unit-test: virtiofsd
 harness-test:
 	tests/harness/selftest
 
+## fuzz-smoke: every fuzz target for FUZZ_SECONDS (default 60) each on
+## nightly (fuzz/smoke; longer runs: fuzz/README.md).
+fuzz-smoke:
+	fuzz/smoke $(or $(FUZZ_SECONDS),60)
+
 # Helper programs of the tests: host-tool runs beside the VM, guest-tool
 # (static) inside the test initramfs. Both are optimised: in the nested
 # harness a debug build hashing at TCG speed, not the device, limits the
@@ -127,7 +133,7 @@ test-tools:
 
 # KVM boots go through the harness one at a time: each starts its own L1.
 kvm-test: test-tools guest virtiofsd
-	cargo test --release -p moat-vmm --test boot --test virtio --test fs --test agent --test shim -- --test-threads=1
+	cargo test --release -p moat-vmm --test boot --test seccomp --test virtio --test fs --test agent --test shim -- --test-threads=1
 
 ## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS, and
 ## moat-vmm with memfd guest RAM (--shared-memory) beside them.
