@@ -33,8 +33,11 @@ pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 const QUEUE_SIZE: u16 = 256;
 /// Segments per request offered to the driver (queue size less header and status).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Largest segment offered to the driver.
-const SIZE_MAX: u32 = 1 << 20;
+/// Largest segment offered to the driver: with [`SEG_MAX`] segments, the
+/// largest request the limits allow fits [`MAX_REQUEST_BYTES`], so the
+/// device never refuses a request its own limits let through.
+const SIZE_MAX: u32 = 128 << 10;
+const _: () = assert!(SEG_MAX as usize * SIZE_MAX as usize <= MAX_REQUEST_BYTES);
 
 const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
