@@ -127,6 +127,10 @@ pub struct VmConfig {
     /// health check before the sandbox fails, ms.
     #[serde(default = "default_agent_boot_timeout_ms")]
     pub agent_boot_timeout_ms: u64,
+    /// Extra moat-vmm arguments, after the shim's own (debugging, e.g.
+    /// `--no-seccomp`).
+    #[serde(default)]
+    pub vmm_args: Vec<String>,
 }
 
 /// `[virtiofs]`.

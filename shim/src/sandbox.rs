@@ -457,7 +457,8 @@ impl Started {
             .arg("--fs")
             .arg(format!("tag={SHARE_TAG},socket={}", fs_socket.display()))
             .arg("--append")
-            .arg(append.trim_end());
+            .arg(append.trim_end())
+            .args(&config.vm.vmm_args);
         // Held until moat-vmm is spawned: its pre_exec enters it.
         let mut netns_file = None;
         if let Some(netns) = &setup.netns {

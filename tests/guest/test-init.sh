@@ -3,7 +3,7 @@
 # console, writes the boot-time marker, and ends the VM.
 # Kernel parameters without dots reach it as environment variables:
 #   moat_mode=report (default) | bench | block-write | block-read | vsock | net |
-#     devbench
+#     devbench | wait
 #     bench prints only the first line; block-write fills the first
 #     moat_block_mib MiB (default 64) of /dev/vda with random data and
 #     prints its SHA-256, and tries to write /dev/vdb (read-only);
@@ -15,7 +15,8 @@
 #     runs the guest half of bench-devices (tests/src/bin/bench-devices.rs);
 #     fs mounts the virtio-fs share tagged moat_fs_ctl (default ctl) at
 #     /ctl and runs the scenario's guest half from it, /ctl/guest.sh (see
-#     vmm/tests/fs.rs and tests/src/bin/bench-fs.rs)
+#     vmm/tests/fs.rs and tests/src/bin/bench-fs.rs); wait reports, then
+#     sleeps until the host stops the VM
 #   moat_exit=reboot (default) | poweroff | panic (init exits: the kernel
 #     panics with "Attempted to kill init!")
 echo "MOAT_GUEST init started"
@@ -111,6 +112,10 @@ case "${moat_mode:-report}" in
     else
       echo "MOAT_GUEST fs: cannot mount the control share ${moat_fs_ctl:-ctl}"
     fi
+    ;;
+  wait)
+    echo "MOAT_GUEST waiting"
+    while :; do sleep 3600; done
     ;;
 esac
 

@@ -37,7 +37,9 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::shutdown::{stop_on_host_signals, ExitReason, StateReport, StopSignal};
+use crate::threads::Spawner;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, BootSpec, Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError};
@@ -54,6 +56,9 @@ pub enum BuildError {
     /// KVM or the VM could not be set up.
     #[error("KVM: {0}")]
     Vm(#[from] VmError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// Guest memory could not be set up.
     #[error("guest memory: {0}")]
     Memory(#[from] MemoryError),
@@ -515,6 +520,11 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         .collect::<Result<Vec<_>, VcpuError>>()?;
 
     vcpu::install_kick_handler()?;
+    // From here on device threads (started as the guest activates its
+    // devices) come from this thread; see crate::threads.
+    let spawner = Spawner::register();
+    let stopper = spawner.stopper();
+    stop.on_raise(move || stopper.stop());
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         match vcpu.start(buses.clone(), stop.clone()) {
@@ -533,6 +543,12 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
         }
     }
 
+    if let Err(e) = seccomp::apply(ThreadKind::Main) {
+        stop.raise(ExitReason::VcpuFailure(e.to_string()));
+        vcpu::stop_vcpus(threads);
+        return Err(e.into());
+    }
+    spawner.serve();
     let reason = stop.wait();
     // No more reports: the threads are about to end.
     report.lock().unwrap_or_else(|p| p.into_inner()).take();

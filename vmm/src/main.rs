@@ -12,6 +12,7 @@ use moat_vmm::builder::run_vm;
 use moat_vmm::config::{
     host_memory_mib, BlockConfig, ConfigLayer, FsConfig, NetConfig, VsockConfig,
 };
+use moat_vmm::seccomp::{self, Mode, ThreadKind};
 
 /// Boot a Linux kernel in a KVM microVM.
 #[derive(Debug, Parser)]
@@ -72,21 +73,61 @@ struct Cli {
     /// Back guest RAM with a memfd mapped shared (implied by --fs).
     #[arg(long)]
     shared_memory: bool,
+    /// Run without seccomp filters. For debugging only: every thread may
+    /// then make any system call.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: threads of this kind make a call outside their seccomp
+    /// filter right after installing it (main, signals, vcpu,
+    /// queue-worker, net, vsock, fs, vhost-watchdog).
+    #[arg(long, hide = true, value_name = "KIND")]
+    seccomp_selftest: Option<String>,
 }
 
 fn main() -> ExitCode {
     let vmm_start = Instant::now();
+    // One malloc arena for every thread: glibc shrinks a thread's own
+    // arena only after reading /proc/sys/vm/overcommit_memory, an open(2)
+    // no device thread's seccomp filter allows (and fewer arenas hold
+    // less memory per pod).
+    // SAFETY: mallopt only sets a malloc tunable; no thread runs yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     match run(cli, vmm_start) {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("moat-vmm: error: {message}");
+            moat_vmm::log_line!("moat-vmm: error: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
+    seccomp::set_mode(if cli.no_seccomp {
+        moat_vmm::log_line!(
+            "moat-vmm: warning: --no-seccomp: the VMM runs without seccomp filters"
+        );
+        Mode::Off
+    } else if std::env::var_os("MOAT_VMM_SECCOMP_LOG").is_some() {
+        // Diagnostics: the kernel logs calls outside a filter (audit type
+        // 1326, with the thread's name) instead of killing the VMM.
+        moat_vmm::log_line!(
+            "moat-vmm: warning: MOAT_VMM_SECCOMP_LOG: seccomp violations are only logged"
+        );
+        Mode::Log
+    } else {
+        Mode::Kill
+    });
+    if let Some(name) = &cli.seccomp_selftest {
+        let kind = ThreadKind::from_name(name).ok_or_else(|| {
+            let kinds: Vec<&str> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
+            format!(
+                "--seccomp-selftest {name}: no such thread kind (one of {})",
+                kinds.join(", ")
+            )
+        })?;
+        seccomp::set_selftest(kind);
+    }
     let file_layer = match &cli.config {
         Some(path) => ConfigLayer::from_json_file(path).map_err(|e| e.to_string())?,
         None => ConfigLayer::default(),
@@ -112,20 +153,20 @@ fn run(cli: Cli, vmm_start: Instant) -> Result<ExitCode, String> {
         .map_err(|e| format!("config: {e}"))?;
     let outcome = run_vm(&config, vmm_start).map_err(|e| e.to_string())?;
     if outcome.stuck_vcpus > 0 {
-        eprintln!(
+        moat_vmm::log_line!(
             "moat-vmm: warning: {} vCPU thread(s) did not stop in time",
             outcome.stuck_vcpus
         );
     }
     let status = outcome.reason.exit_status();
     if outcome.reason.is_clean() {
-        eprintln!(
+        moat_vmm::log_line!(
             "moat-vmm: guest stopped ({:?}) after {} ms",
             outcome.reason,
             vmm_start.elapsed().as_millis()
         );
     } else {
-        eprintln!(
+        moat_vmm::log_line!(
             "moat-vmm: VM crashed: {} (exit status {status})",
             outcome.reason
         );

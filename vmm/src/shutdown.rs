@@ -111,20 +111,29 @@ pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::
     std::thread::Builder::new()
         .name("moat_signals".into())
         .spawn(move || loop {
+            // Installed once: a filter on a thread stays for its life.
+            static FILTERED: std::sync::Once = std::sync::Once::new();
+            FILTERED.call_once(|| {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Signals) {
+                    crate::log_line!("moat-vmm: error: {e}");
+                    std::process::exit(1);
+                }
+            });
             let mut signal = 0;
             // SAFETY: `set` is valid and `signal` a valid place for the result.
             if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
                 continue;
             }
             if signal == libc::SIGUSR1 {
+                crate::seccomp::selftest_point(crate::seccomp::ThreadKind::Signals);
                 let report = report.lock().unwrap_or_else(|p| p.into_inner());
                 match report.as_ref() {
                     Some(lines) => {
                         for line in lines() {
-                            eprintln!("moat-vmm: state: {line}");
+                            crate::log_line!("moat-vmm: state: {line}");
                         }
                     }
-                    None => eprintln!(
+                    None => crate::log_line!(
                         "moat-vmm: state: no VM to report on (not built yet, or stopping)"
                     ),
                 }
@@ -136,15 +145,28 @@ pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::
     Ok(())
 }
 
+/// Something to do when a VM's stop is raised.
+type StopHook = Box<dyn Fn() + Send>;
+
 /// A one-shot, first-writer-wins stop request shared by all VM threads.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct StopSignal {
     inner: Arc<(Mutex<Option<ExitReason>>, Condvar)>,
+    /// Called once the signal is raised (the spawner's stop).
+    hooks: Arc<Mutex<Vec<StopHook>>>,
     /// The guest kernel's panic line, once the console has shown one: the
     /// reset that a panic ends in (`panic=N`) is then the panic's.
     panic_line: Arc<Mutex<Option<String>>>,
     // Lock-free copy of "a reason is set", checked by vCPUs on every exit.
     raised: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for StopSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopSignal")
+            .field("reason", &self.reason())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StopSignal {
@@ -183,6 +205,19 @@ impl StopSignal {
         }
         self.raised.store(true, Ordering::Release);
         cvar.notify_all();
+        drop(slot);
+        for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook();
+        }
+    }
+
+    /// Calls `hook` when the signal is raised (at once if it was already).
+    pub fn on_raise(&self, hook: impl Fn() + Send + 'static) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_raised() {
+            hook();
+        }
+        hooks.push(Box::new(hook));
     }
 
     /// Whether the signal was raised; cheap enough for a vCPU's hot loop.

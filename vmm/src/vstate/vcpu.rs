@@ -214,7 +214,7 @@ impl Vcpu {
     fn report_registers(&self, exits: u64) {
         let index = self.index;
         match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => eprintln!(
+            (Ok(r), Ok(s)) => crate::log_line!(
                 "moat-vmm: state: vCPU {index}: rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} rcx {:#x} \
                  rdx {:#x} rsi {:#x} rdi {:#x} cs {:#x} cr0 {:#x} cr3 {:#x} efer {:#x}; \
                  {exits} exits to the VMM so far",
@@ -222,7 +222,7 @@ impl Vcpu {
                 s.cr3, s.efer
             ),
             (Err(e), _) | (_, Err(e)) => {
-                eprintln!("moat-vmm: state: vCPU {index}: cannot read its registers: {e}")
+                crate::log_line!("moat-vmm: state: vCPU {index}: cannot read its registers: {e}")
             }
         }
     }
@@ -231,6 +231,13 @@ impl Vcpu {
         let index = self.index;
         let fail =
             |what: String| stop.raise(ExitReason::VcpuFailure(format!("vCPU {index}: {what}")));
+        // Device threads this vCPU activates are started by the main
+        // thread, so they never hold this thread's filter.
+        crate::threads::route_to_spawner();
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+            fail(e.to_string());
+            return;
+        }
         let mut reported = REGS_REQUEST.load(Ordering::SeqCst);
         let mut exits = 0u64;
         while !stop.is_raised() {
@@ -251,7 +258,7 @@ impl Vcpu {
                 // gets the crash status: the guest's own choice of death).
                 Ok(VcpuExit::Shutdown) => {
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                    eprintln!("moat-vmm: vCPU {index}: triple fault at rip {rip:#x}");
+                    crate::log_line!("moat-vmm: vCPU {index}: triple fault at rip {rip:#x}");
                     stop.raise(ExitReason::TripleFault {
                         vcpu: usize::from(index),
                         rip,

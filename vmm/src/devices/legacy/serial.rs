@@ -76,7 +76,7 @@ impl ConsoleSink {
                 if let Some(at) = find(line, PANIC_START) {
                     if self.stop.guest_panic().is_none() && find(line, PANIC_END).is_none() {
                         let text = String::from_utf8_lossy(&line[at..]).into_owned();
-                        eprintln!("moat-vmm: the guest kernel panicked: {text}");
+                        crate::log_line!("moat-vmm: the guest kernel panicked: {text}");
                         self.stop.note_guest_panic(text);
                     }
                 }

@@ -42,7 +42,7 @@ impl BusDevice for BootTimer {
         let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         if reported.is_none() {
             *reported = Some(elapsed);
-            eprintln!(
+            crate::log_line!(
                 "moat-vmm: guest boot time: {} us ({} ms) since VMM start",
                 elapsed.as_micros(),
                 elapsed.as_millis()

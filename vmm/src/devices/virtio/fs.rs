@@ -21,6 +21,7 @@
 //! available entries past the used index (virtiofsd answers a queue's
 //! requests in order unless given a thread pool).
 
+use crate::seccomp::ThreadKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -144,16 +145,18 @@ impl Session {
         let watched = self.stream.try_clone();
         let timed_out = Arc::new(AtomicBool::new(false));
         let flag = timed_out.clone();
-        let watchdog = std::thread::Builder::new()
-            .name("moat_vhost_watchdog".into())
-            .spawn(move || {
+        let watchdog = crate::threads::spawn(
+            ThreadKind::VhostWatchdog,
+            "moat_vhost_watchdog".into(),
+            move || {
                 if let (Err(mpsc::RecvTimeoutError::Timeout), Ok(stream)) =
                     (wait.recv_timeout(BACKEND_TIMEOUT), watched)
                 {
                     flag.store(true, Ordering::SeqCst);
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                 }
-            });
+            },
+        );
         let result = exchange(&mut self.frontend);
         let _ = done.send(());
         if let Ok(watchdog) = watchdog {
@@ -366,7 +369,7 @@ impl Fs {
                         .exchange("GET_VRING_BASE", |f| f.get_vring_base(index))
                 });
             if let Err(e) = stopped {
-                eprintln!("moat-vmm: {e}");
+                crate::log_line!("moat-vmm: {e}");
                 self.backend_gone();
                 return;
             }
@@ -413,7 +416,7 @@ impl VirtioDevice for Fs {
             match self.start_backend(&ctx) {
                 Ok(()) => true,
                 Err(e) => {
-                    eprintln!("moat-vmm: {e}; the share's requests will fail with EIO");
+                    crate::log_line!("moat-vmm: {e}; the share's requests will fail with EIO");
                     self.backend_gone();
                     false
                 }
@@ -508,7 +511,7 @@ impl Worker {
             self.tag.chars().take(8).collect::<String>()
         );
         let kill_handle = kill.try_clone().map_err(ActivateError::Worker)?;
-        WorkerThread::spawn(name, kill_handle, move || {
+        WorkerThread::spawn(ThreadKind::Fs, name, kill_handle, move || {
             let _ = kill;
             self.run(epoll, watch, backend_running)
         })
@@ -536,7 +539,7 @@ impl Worker {
                             EpollEvent::default(),
                         );
                         if !answering {
-                            eprintln!(
+                            crate::log_line!(
                                 "moat-vmm: virtio-fs {:?}: the backend at {} hung up; \
                                  the share's requests now fail with EIO",
                                 self.tag,

@@ -17,6 +17,7 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
+use crate::seccomp::ThreadKind;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -298,16 +299,15 @@ pub struct WorkerThread {
 }
 
 impl WorkerThread {
-    /// Starts `body` on a thread named `name`; `body` must watch `kill`.
+    /// Starts `body` on a thread named `name` under `kind`'s seccomp
+    /// filter (see [`crate::threads::spawn`]); `body` must watch `kill`.
     pub fn spawn(
+        kind: ThreadKind,
         name: String,
         kill: EventFd,
         body: impl FnOnce() + Send + 'static,
     ) -> Result<Self, ActivateError> {
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(body)
-            .map_err(ActivateError::Worker)?;
+        let thread = crate::threads::spawn(kind, name, body).map_err(ActivateError::Worker)?;
         Ok(Self {
             kill,
             thread: Some(thread),
@@ -359,7 +359,7 @@ where
                 EpollEvent::new(EventSet::IN, kill_token),
             )
             .map_err(ActivateError::Worker)?;
-        WorkerThread::spawn(name, kill, move || {
+        WorkerThread::spawn(ThreadKind::QueueWorker, name, kill, move || {
             {
                 let mut events = vec![EpollEvent::default(); queue_events.len() + 1];
                 loop {

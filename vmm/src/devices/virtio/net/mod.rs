@@ -15,6 +15,7 @@
 
 pub mod tap;
 
+use crate::seccomp::ThreadKind;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -451,7 +452,7 @@ pub fn spawn_worker(
             )
             .map_err(ActivateError::Worker)?;
     }
-    WorkerThread::spawn("moat_virtio_net".into(), kill, move || {
+    WorkerThread::spawn(ThreadKind::Net, "moat_virtio_net".into(), kill, move || {
         let mut events = [EpollEvent::default(); 4];
         let mut watching_tap = true;
         loop {

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::HOST_CID;
 use crate::devices::virtio::{ActivateError, Interrupt, WorkerThread};
+use crate::seccomp::ThreadKind;
 
 /// Largest payload of one packet in either direction.
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
@@ -312,6 +313,11 @@ impl Muxer {
 
     /// What the muxer holds now.
     pub fn load(&self) -> MuxerLoad {
+        debug_assert_eq!(
+            self.pending_total,
+            self.conns.values().map(|c| c.pending.len()).sum::<usize>(),
+            "the pending byte count drifted from the connections' own"
+        );
         MuxerLoad {
             connections: self.conns.len(),
             handshakes: self.handshakes.len(),
@@ -989,7 +995,7 @@ impl Muxer {
 
     /// After rx buffers came: fills them, and reads the tx queue again if
     /// backpressure had stopped it, for as long as both make progress.
-    fn drain_queues(&mut self) {
+    pub fn drain_queues(&mut self) {
         loop {
             self.process_rx();
             if !self.tx_stalled || self.control.len() >= TX_BACKPRESSURE {
@@ -1136,7 +1142,7 @@ pub fn spawn_muxer(
         }
         add(kill.as_raw_fd(), TOKEN_KILL).map_err(ActivateError::Worker)?;
     }
-    WorkerThread::spawn("moat_vsock".into(), kill, move || {
+    WorkerThread::spawn(ThreadKind::Vsock, "moat_vsock".into(), kill, move || {
         run(muxer, listener, queue_events)
     })
 }
