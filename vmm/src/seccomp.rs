@@ -490,6 +490,12 @@ mod tests {
             let program = program(kind, SeccompAction::KillProcess).unwrap();
             assert!(!program.is_empty(), "{}", kind.name());
             assert!(syscall_count(kind) > 10, "{}", kind.name());
+            println!(
+                "{}: {} system calls, {} BPF instructions",
+                kind.name(),
+                syscall_count(kind),
+                program.len()
+            );
         }
     }
 
