@@ -292,6 +292,8 @@ fn common(rules: &mut Rules) {
             libc::SYS_exit_group,
         ],
     );
+    // Debug builds of std check that an fd is open before closing it.
+    allow_arg(rules, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
     // Signals only to this process: abort's SIGABRT, and the vCPU kick.
     // SAFETY: getpid takes no arguments and cannot fail.
     let pid = unsafe { libc::getpid() } as u64;
