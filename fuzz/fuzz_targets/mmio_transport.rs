@@ -28,7 +28,8 @@ fn peer() -> &'static VhostUserPeer {
 fuzz_target!(|data: &[u8]| {
     let (mem, _) = guest::guest(data);
     let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    let device: Box<dyn VirtioDevice> = if data.first().is_some_and(|b| b & 1 == 1) {
+    let uses_peer = data.first().is_some_and(|b| b & 1 == 1);
+    let device: Box<dyn VirtioDevice> = if uses_peer {
         Box::new(Fs::connect(&peer().share("fuzz")).expect("the peer answers"))
     } else {
         Box::new(Rng::new())
@@ -46,4 +47,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     transport.shutdown();
+    drop(transport);
+    if uses_peer {
+        // The peer's thread for this input's connection ends now that the
+        // device closed it; an input leaves no thread behind.
+        peer().join_closed();
+    }
 });

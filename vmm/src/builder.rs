@@ -537,6 +537,7 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
             }
             Err(e) => {
                 stop.raise(ExitReason::VcpuFailure(e.to_string()));
+                spawner.close();
                 vcpu::stop_vcpus(threads);
                 return Err(e.into());
             }
@@ -545,6 +546,7 @@ pub fn run_vm(config: &VmConfig, vmm_start: Instant) -> Result<VmOutcome, BuildE
 
     if let Err(e) = seccomp::apply(ThreadKind::Main) {
         stop.raise(ExitReason::VcpuFailure(e.to_string()));
+        spawner.close();
         vcpu::stop_vcpus(threads);
         return Err(e.into());
     }

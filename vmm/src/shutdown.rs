@@ -176,7 +176,8 @@ impl StopSignal {
     }
 
     /// Notes that the guest kernel panicked (its panic line): a guest
-    /// reset raised after this is reported as [`ExitReason::GuestPanic`].
+    /// reset or triple fault raised after this is reported as
+    /// [`ExitReason::GuestPanic`].
     pub fn note_guest_panic(&self, line: String) {
         self.panic_line
             .lock()
@@ -194,8 +195,12 @@ impl StopSignal {
 
     /// Records `reason` unless another reason came first, and wakes the waiter.
     pub fn raise(&self, reason: ExitReason) {
+        // A panic ends in a reset: i8042, or a triple fault when the
+        // keyboard controller's reset falls through (reboot=k) or reboot=t.
         let reason = match (reason, self.guest_panic()) {
-            (ExitReason::GuestReset, Some(line)) => ExitReason::GuestPanic(line),
+            (ExitReason::GuestReset | ExitReason::TripleFault { .. }, Some(line)) => {
+                ExitReason::GuestPanic(line)
+            }
             (reason, _) => reason,
         };
         let (lock, cvar) = &*self.inner;
@@ -280,6 +285,10 @@ mod tests {
                 "Kernel panic - not syncing: x".into()
             ))
         );
+        let signal = StopSignal::new();
+        signal.note_guest_panic("Kernel panic - not syncing: y".into());
+        signal.raise(ExitReason::TripleFault { vcpu: 0, rip: 0 });
+        assert!(matches!(signal.reason(), Some(ExitReason::GuestPanic(_))));
     }
 
     #[test]

@@ -74,6 +74,12 @@ impl Spawner {
         SpawnerStop { sender }
     }
 
+    /// Closes without serving (the VM failed to start): requests already
+    /// made and any made later fail at once.
+    pub fn close(self) {
+        *registry().lock().unwrap_or_else(|p| p.into_inner()) = Some(None);
+    }
+
     /// Starts the threads asked for until a [`SpawnerStop`] says stop; then
     /// closes, so a routed request that comes later fails at once instead
     /// of waiting for ever or starting under a vCPU's filter.

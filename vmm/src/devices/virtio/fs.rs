@@ -111,6 +111,19 @@ pub enum FsError {
         /// What it lacks.
         what: String,
     },
+    /// The exchange's watchdog could not start (the VMM is stopping), so
+    /// the exchange was not begun: unwatched, a mute backend would hang it.
+    #[error("virtio-fs {tag:?}: {step} with the backend at {socket} not begun: {source}")]
+    NoWatchdog {
+        /// The share's tag.
+        tag: String,
+        /// The socket.
+        socket: PathBuf,
+        /// The exchange.
+        step: &'static str,
+        /// Why the watchdog thread did not start.
+        source: std::io::Error,
+    },
     /// Guest memory is private, so the backend could not map it.
     #[error(
         "virtio-fs {tag:?}: guest memory region at {addr:#x} is not file-backed shared memory"
@@ -157,11 +170,20 @@ impl Session {
                 }
             },
         );
+        let watchdog = match watchdog {
+            Ok(watchdog) => watchdog,
+            Err(source) => {
+                return Err(FsError::NoWatchdog {
+                    tag: self.tag.clone(),
+                    socket: self.socket.clone(),
+                    step,
+                    source,
+                })
+            }
+        };
         let result = exchange(&mut self.frontend);
         let _ = done.send(());
-        if let Ok(watchdog) = watchdog {
-            let _ = watchdog.join();
-        }
+        let _ = watchdog.join();
         result.map_err(|source| {
             if timed_out.load(Ordering::SeqCst) {
                 FsError::NoAnswer {
@@ -734,6 +756,7 @@ pub mod peer {
         socket: PathBuf,
         log: Arc<Mutex<Vec<u32>>>,
         conns: Arc<Mutex<Vec<UnixStream>>>,
+        serving: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
     }
 
     impl VhostUserPeer {
@@ -748,7 +771,8 @@ pub mod peer {
             let listener = UnixListener::bind(&socket)?;
             let log: Arc<Mutex<Vec<u32>>> = Arc::default();
             let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
-            let (log2, conns2) = (log.clone(), conns.clone());
+            let serving: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+            let (log2, conns2, serving2) = (log.clone(), conns.clone(), serving.clone());
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { return };
@@ -759,10 +783,33 @@ pub mod peer {
                             .push(handle);
                     }
                     let log = log2.clone();
-                    std::thread::spawn(move || serve(conn, &log, queues));
+                    let thread = std::thread::spawn(move || serve(conn, &log, queues));
+                    serving2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(thread);
                 }
             });
-            Ok(Self { socket, log, conns })
+            Ok(Self {
+                socket,
+                log,
+                conns,
+                serving,
+            })
+        }
+
+        /// Waits for the threads serving this peer's connections to end;
+        /// each ends when its frontend closes, so call it once every
+        /// frontend is dropped. (A fuzz target does, so that no thread of
+        /// one input lives on into the next, where a leak checker would
+        /// count its thread-local storage as leaked.)
+        pub fn join_closed(&self) {
+            let threads =
+                std::mem::take(&mut *self.serving.lock().unwrap_or_else(|p| p.into_inner()));
+            for thread in threads {
+                let _ = thread.join();
+            }
+            self.conns.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
 
         /// A share on this peer, with one request queue of 16 entries.

@@ -7,8 +7,8 @@
 //! host clients that have not named a port yet, [`CONTROL_QUEUE_CAP`]
 //! control packets waiting for guest rx buffers (the tx queue is not read
 //! while [`TX_BACKPRESSURE`] of them wait, so a guest that posts no rx
-//! buffers only stalls itself), [`MAX_PENDING_TOTAL`] guest bytes waiting
-//! for host streams, and a connection the guest never answers or never
+//! buffers only stalls itself), [`CONN_BUF_ALLOC`] guest bytes per
+//! connection waiting for host streams ([`MAX_PENDING_TOTAL`] in all), and a connection the guest never answers or never
 //! finishes closing is reset after [`CONNECT_TIMEOUT`] or
 //! [`SHUTDOWN_TIMEOUT`]. A connection's life is [`ConnState`]'s state
 //! machine.
@@ -53,9 +53,11 @@ pub const CONTROL_QUEUE_CAP: usize = 2048;
 /// exist, each owed a RST) only fills its own ring.
 pub const TX_BACKPRESSURE: usize = 512;
 /// Most guest bytes held, over all connections, for host streams that
-/// have not taken them yet; a connection whose data would pass it is
-/// reset. (Each connection is also held to [`CONN_BUF_ALLOC`].)
-pub const MAX_PENDING_TOTAL: usize = 16 << 20;
+/// have not taken them yet (64 MiB): what the credit each connection is
+/// given ([`CONN_BUF_ALLOC`]) allows over [`MAX_CONNECTIONS`], so a guest
+/// within its credit never meets it, and a connection whose data would
+/// pass it is reset.
+pub const MAX_PENDING_TOTAL: usize = MAX_CONNECTIONS * CONN_BUF_ALLOC as usize;
 /// How long a host-initiated connection waits for the guest's RESPONSE
 /// before the host client is closed and the guest sent RST (Firecracker's
 /// 2 s).
@@ -349,14 +351,15 @@ impl Muxer {
     }
 
     /// Re-arms the connection's one-shot epoll registration for what it
-    /// now waits for.
+    /// now waits for. With nothing to wait for it stays disarmed: the
+    /// kernel adds hang-up to every registration, and a host stream that
+    /// closed would otherwise wake the loop without end.
     fn rearm(&self, key: ConnKey) {
         if let Some(conn) = self.conns.get(&key) {
-            self.epoll_ctl(
-                ControlOperation::Modify,
-                conn.stream.as_raw_fd(),
-                conn.interest(),
-            );
+            let interest = conn.interest();
+            if !interest.is_empty() {
+                self.epoll_ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), interest);
+            }
         }
     }
 
@@ -628,6 +631,11 @@ impl Muxer {
                     conn.pending.drain(..n);
                     self.pending_total -= n;
                     conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
+                    // A closing connection whose host reader keeps taking
+                    // bytes gets its time again: only a stalled one is cut.
+                    if let ConnState::Closing { deadline, .. } = &mut conn.state {
+                        *deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => {
