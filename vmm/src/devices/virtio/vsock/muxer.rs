@@ -1462,6 +1462,44 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_host_stream_does_not_wake_the_loop_again_and_again() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let dir = temp_dir("hangup");
+        let (mut muxer, listener) = attached_muxer(&mem, &dir);
+        let port = UnixListener::bind(dir.join("vsock_5000")).unwrap();
+        muxer.handle_guest_packet(packet(op::REQUEST, 5000, 1, 0), &[]);
+        let key = ConnKey {
+            local_port: 5000,
+            peer_port: 1,
+        };
+        assert!(muxer.conns.contains_key(&key));
+        let (host, _) = port.accept().unwrap();
+        drop(host); // the host side closes for good; the guest keeps its half
+        muxer.handle_host_events(&listener, Duration::from_millis(100));
+        assert!(!muxer.fill_rx_buf(key), "the host stream ended");
+        assert!(matches!(
+            muxer.conns[&key].state,
+            ConnState::Established {
+                host_done: true,
+                ..
+            }
+        ));
+        let mut events = [EpollEvent::default(); 8];
+        for _ in 0..3 {
+            let n = muxer.wait(&mut events, Duration::ZERO).unwrap();
+            for event in &events[..n] {
+                muxer.dispatch_host(event, &listener);
+            }
+        }
+        assert_eq!(
+            muxer.wait(&mut events, Duration::ZERO).unwrap(),
+            0,
+            "the hang-up keeps waking the loop"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_host_listener_with_a_full_backlog_is_refused_without_blocking() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let dir = temp_dir("backlog");
