@@ -80,9 +80,7 @@ fn run_suite(script: &str, work: &str, extra: &[&str], cases: &[&str]) {
 /// running task and exec (both exit 137 within the bound); then the
 /// faults: a missing entrypoint, an nfs mount and a malformed moat config
 /// each refused with an error naming it, a guest kernel panic reported as
-/// one in the shim's log (with moat-vmm's status 10), a seccomp violation
-/// in a running pod's VMM (its task stops, the shim's log names SIGSYS),
-/// virtiofsd killed (the pod stops), and the shim
+/// one in the shim's log (with moat-vmm's status 10), virtiofsd killed (the pod stops), and the shim
 /// killed with SIGKILL (containerd's delete action takes its VM down);
 /// `make install`'s script, after which a container runs from the
 /// installed config and files; a config.json with a namespace type no
@@ -108,7 +106,6 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
             "vmm_killed_exits_every_task",
             "refusals_are_clear_and_leave_nothing",
             "guest_panic_is_reported",
-            "seccomp_violation_stops_the_pod",
             "virtiofsd_killed_stops_the_pod",
             "shim_killed_then_containerd_cleans_up",
             "install_puts_moat_in_place",
