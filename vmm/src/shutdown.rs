@@ -108,17 +108,10 @@ pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::
         return Err(std::io::Error::from_raw_os_error(rc));
     }
     let stop = stop.clone();
-    std::thread::Builder::new()
-        .name("moat_signals".into())
-        .spawn(move || loop {
-            // Installed once: a filter on a thread stays for its life.
-            static FILTERED: std::sync::Once = std::sync::Once::new();
-            FILTERED.call_once(|| {
-                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Signals) {
-                    crate::log_line!("moat-vmm: error: {e}");
-                    std::process::exit(1);
-                }
-            });
+    crate::threads::spawn(
+        crate::seccomp::ThreadKind::Signals,
+        "moat_signals".into(),
+        move || loop {
             let mut signal = 0;
             // SAFETY: `set` is valid and `signal` a valid place for the result.
             if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
@@ -141,7 +134,8 @@ pub fn stop_on_host_signals(stop: &StopSignal, report: StateReport) -> std::io::
             }
             stop.raise(ExitReason::HostSignal(signal));
             return;
-        })?;
+        },
+    )?;
     Ok(())
 }
 
