@@ -96,6 +96,64 @@ pub struct Config {
     /// Which `io.moat.` annotations pods may set.
     #[serde(default)]
     pub annotations: AnnotationConfig,
+    /// How each pod's moat-vmm and virtiofsd are confined.
+    #[serde(default)]
+    pub jail: JailConfig,
+}
+
+/// `[jail]`: moat-vmm runs as `uid`:`gid` with no capabilities, in new
+/// mount, PID, IPC and UTS namespaces, pivot_rooted into a per-pod
+/// directory; it and virtiofsd share a cgroup of the pod's own under
+/// `cgroup_parent` whose `memory.max` is the guest's memory plus
+/// `memory_overhead_mib`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// moat-vmm's user ID (not 0).
+    #[serde(default = "default_jail_id")]
+    pub uid: u32,
+    /// moat-vmm's group ID (not 0).
+    #[serde(default = "default_jail_id")]
+    pub gid: u32,
+    /// The cgroup v2 directory each pod's cgroup is made under.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: PathBuf,
+    /// What the pod's cgroup may use beyond the guest's memory, MiB: the
+    /// VMM's and virtiofsd's own memory and the page cache of the share.
+    #[serde(default = "default_memory_overhead_mib")]
+    pub memory_overhead_mib: u64,
+    /// The most tasks (processes and threads) the pod's cgroup may hold.
+    #[serde(default = "default_pids_max")]
+    pub pids_max: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            uid: default_jail_id(),
+            gid: default_jail_id(),
+            cgroup_parent: default_cgroup_parent(),
+            memory_overhead_mib: default_memory_overhead_mib(),
+            pids_max: default_pids_max(),
+        }
+    }
+}
+
+/// The fewest tasks a pod's cgroup may be limited to: moat-vmm's
+/// vCPU and device threads and virtiofsd's.
+const MIN_PIDS_MAX: u32 = 32;
+
+fn default_jail_id() -> u32 {
+    64_000
+}
+fn default_cgroup_parent() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup/moat")
+}
+fn default_memory_overhead_mib() -> u64 {
+    160
+}
+fn default_pids_max() -> u32 {
+    256
 }
 
 /// `[vm]`.
@@ -282,6 +340,25 @@ impl Config {
                 vm.agent_boot_timeout_ms
             )));
         }
+        let jail = &self.jail;
+        if jail.uid == 0 || jail.gid == 0 {
+            return Err(invalid(format!(
+                "jail.uid = {} and jail.gid = {} must not be 0: moat-vmm never runs as root",
+                jail.uid, jail.gid
+            )));
+        }
+        if !jail.cgroup_parent.is_absolute() {
+            return Err(invalid(format!(
+                "jail.cgroup_parent = {:?} must be an absolute path",
+                jail.cgroup_parent.display()
+            )));
+        }
+        if jail.pids_max < MIN_PIDS_MAX {
+            return Err(invalid(format!(
+                "jail.pids_max = {} is below {MIN_PIDS_MAX}, too few for moat-vmm's and virtiofsd's threads",
+                jail.pids_max
+            )));
+        }
         for name in &self.annotations.allowed {
             if !OVERRIDABLE.contains(&name.as_str()) {
                 return Err(invalid(format!(
@@ -464,6 +541,19 @@ mod tests {
         let text = format!("{MINIMAL}\n[annotations]\nallowed = [\"kernel\"]\n");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("\"kernel\""), "{err}");
+        for (jail, key) in [
+            ("uid = 0", "jail.uid"),
+            ("gid = 0", "jail.gid"),
+            ("cgroup_parent = \"moat\"", "jail.cgroup_parent"),
+            ("pids_max = 4", "jail.pids_max"),
+        ] {
+            let text = format!("{MINIMAL}\n[jail]\n{jail}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{jail}: {err}");
+        }
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.jail, JailConfig::default());
+        assert_ne!(config.jail.uid, 0);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! only through the `protocol` crate over the VM's hybrid vsock.
 
 pub mod config;
+pub mod jail;
 pub mod mounts;
 pub mod network;
 pub mod sandbox;

@@ -136,9 +136,10 @@ pub struct PodNetwork {
 impl PodNetwork {
     /// Finds the interfaces in `netns`, makes a tap for each and joins
     /// them. On an error nothing made here is left.
-    pub fn attach(netns: &Path) -> Result<Self> {
+    /// `owner` (uid, gid) may open the taps without capabilities.
+    pub fn attach(netns: &Path, owner: (u32, u32)) -> Result<Self> {
         let path = netns.to_path_buf();
-        let attached = in_netns(netns, move |handle| attach_in(handle, path));
+        let attached = in_netns(netns, move |handle| attach_in(handle, path, owner));
         match attached {
             Ok(network) => Ok(network),
             Err(e) => {
@@ -275,7 +276,7 @@ async fn links(handle: &Handle, netns: &Path) -> Result<Vec<LinkMessage>> {
         .map_err(netlink(netns, "list interfaces"))
 }
 
-async fn attach_in(handle: Handle, netns: PathBuf) -> Result<PodNetwork> {
+async fn attach_in(handle: Handle, netns: PathBuf, owner: (u32, u32)) -> Result<PodNetwork> {
     let mut endpoints = Vec::new();
     let mut carried = Vec::new(); // (veth index, guest device)
     let candidates: Vec<LinkMessage> = links(&handle, &netns)
@@ -321,7 +322,7 @@ async fn attach_in(handle: Handle, netns: PathBuf) -> Result<PodNetwork> {
         let n = endpoints.len();
         let tap = format!("tap{n}{TAP_SUFFIX}");
         let guest_device = format!("eth{n}");
-        create_tap(&netns, &tap)?;
+        create_tap(&netns, &tap, owner)?;
         let tap_index = links(&handle, &netns)
             .await?
             .iter()
@@ -540,10 +541,13 @@ async fn detach_in(handle: Handle, netns: PathBuf) -> Result<()> {
     Ok(())
 }
 
-/// Creates a persistent tap `name` (moat-vmm opens it by name later).
-fn create_tap(netns: &Path, name: &str) -> Result<()> {
+/// Creates a persistent tap `name` that `owner` (uid, gid) may open
+/// without capabilities (moat-vmm opens it by name later, jailed).
+fn create_tap(netns: &Path, name: &str, owner: (u32, u32)) -> Result<()> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+    const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+    const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
     const IFF_TAP: libc::c_short = 0x0002;
     const IFF_NO_PI: libc::c_short = 0x1000;
     const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -576,6 +580,12 @@ fn create_tap(netns: &Path, name: &str) -> Result<()> {
     // `IfReq` matches in size (40 bytes) and layout; the fd is open.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut request) } < 0 {
         return Err(error(std::io::Error::last_os_error()));
+    }
+    for (request, id) in [(TUNSETOWNER, owner.0), (TUNSETGROUP, owner.1)] {
+        // SAFETY: TUNSETOWNER and TUNSETGROUP take an integer, no memory.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), request, id as libc::c_ulong) } < 0 {
+            return Err(error(std::io::Error::last_os_error()));
+        }
     }
     // SAFETY: TUNSETPERSIST takes an integer argument, no memory.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {

@@ -5,8 +5,14 @@
 //!
 //! ```text
 //! dir/share/          the pod's shared directory (see [`crate::mounts`])
-//! dir/virtiofsd.sock  virtiofsd's vhost-user socket
-//! dir/vsock.sock      the VM's hybrid vsock socket (the agent's way in)
+//! dir/run/            the sockets, owned by the jail's uid; moat-vmm's /run
+//! dir/run/virtiofsd.sock
+//!                     virtiofsd's vhost-user socket
+//! dir/run/vsock.sock  the VM's hybrid vsock socket (the agent's way in)
+//! dir/jail/           empty on the host: moat-vmm's root is a tmpfs
+//!                     mounted here in its own mount namespace (see
+//!                     [`crate::jail`])
+//! dir/cgroup          names the pod's cgroup, for teardown and [`cleanup`]
 //! dir/console.log     the guest console and the VMM's and virtiofsd's
 //!                     messages, capped at [`CONSOLE_LOG_MAX`] bytes
 //! dir/vmm.pid, dir/virtiofsd.pid
@@ -19,6 +25,8 @@
 //! the error, so a failed start leaves nothing behind.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use crate::config::{Config, VmSize};
+use crate::jail::{spawn_in_new_pid_namespace, JailFile, JailPlan, PodCgroup, VmmJail};
 use crate::mounts::{MountError, PodShare};
 use crate::network::{NetworkError, PodNetwork};
 
@@ -49,6 +58,15 @@ const VIRTIOFSD_PID: &str = "virtiofsd.pid";
 /// Names the pod's network namespace, so a cleanup after a dead shim can
 /// remove the taps and filters made in it.
 const NETNS_FILE: &str = "netns";
+/// Names the pod's cgroup, so that teardown and a cleanup after a dead
+/// shim find it.
+const CGROUP_FILE: &str = "cgroup";
+/// Where moat-vmm finds its files inside its jail.
+const JAIL_VMM: &str = "/moat-vmm";
+const JAIL_KERNEL: &str = "/vmlinux";
+const JAIL_INITRAMFS: &str = "/initramfs";
+const JAIL_VSOCK: &str = "/run/vsock.sock";
+const JAIL_VIRTIOFSD: &str = "/run/virtiofsd.sock";
 /// Lines of the console log quoted in an error.
 const CONSOLE_TAIL_LINES: usize = 20;
 /// How long the agent may take over one network setting (ns).
@@ -76,6 +94,14 @@ pub enum SandboxError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// The pod's jail or cgroup could not be made.
+    #[error("sandbox {id}: {source}")]
+    Jail {
+        /// The pod.
+        id: String,
+        /// What failed.
+        source: crate::jail::JailError,
     },
     /// A binary could not be started.
     #[error("sandbox {id}: cannot start {binary}: {source}")]
@@ -192,10 +218,10 @@ pub struct BootTimes {
 
 /// Where a pod's files are.
 fn vsock_socket(dir: &Path) -> PathBuf {
-    dir.join("vsock.sock")
+    dir.join("run/vsock.sock")
 }
 fn virtiofsd_socket(dir: &Path) -> PathBuf {
-    dir.join("virtiofsd.sock")
+    dir.join("run/virtiofsd.sock")
 }
 fn console_log(dir: &Path) -> PathBuf {
     dir.join("console.log")
@@ -402,6 +428,38 @@ impl Started {
             written: 0,
         }));
 
+        let jail = &config.jail;
+        let io = |what: &'static str, path: &Path| {
+            let (id, path) = (id.clone(), path.to_path_buf());
+            move |source| SandboxError::Io {
+                id,
+                what,
+                path,
+                source,
+            }
+        };
+        let jail_error = |source| SandboxError::Jail {
+            id: id.clone(),
+            source,
+        };
+        let run_dir = dir.join("run");
+        let jail_root = dir.join("jail");
+        for made in [&run_dir, &jail_root] {
+            std::fs::create_dir(made).map_err(io("create", made))?;
+        }
+        std::os::unix::fs::chown(&run_dir, Some(jail.uid), Some(jail.gid))
+            .map_err(io("chown", &run_dir))?;
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", &run_dir))?;
+        let cgroup_name = cgroup_name(&dir);
+        let memory_max = (size.memory_mib + jail.memory_overhead_mib) << 20;
+        let cgroup =
+            PodCgroup::create(&jail.cgroup_parent, &cgroup_name, memory_max, jail.pids_max)
+                .map_err(jail_error)?;
+        let record = dir.join(CGROUP_FILE);
+        std::fs::write(&record, cgroup.path().as_os_str().as_encoded_bytes())
+            .map_err(io("write", &record))?;
+
         let fs_socket = virtiofsd_socket(&dir);
         let mut virtiofsd = Command::new(&config.virtiofs.virtiofsd);
         virtiofsd
@@ -414,7 +472,14 @@ impl Started {
                 "--thread-pool-size={}",
                 config.virtiofs.thread_pool_size
             ));
-        let child = spawn(&id, &config.virtiofs.virtiofsd, &mut virtiofsd, &console)?;
+        let plan = JailPlan::namespaces("moat-virtiofsd", &cgroup).map_err(jail_error)?;
+        let child = spawn(
+            &id,
+            &config.virtiofs.virtiofsd,
+            &mut virtiofsd,
+            plan,
+            &console,
+        )?;
         write_pid_file(&id, &dir.join(VIRTIOFSD_PID), &child)?;
         self.virtiofsd = Some(child);
         let deadline = Instant::now() + VIRTIOFSD_START;
@@ -434,6 +499,9 @@ impl Started {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // virtiofsd runs as root; the VMM, as the jail's user, connects.
+        std::os::unix::fs::chown(&fs_socket, Some(jail.uid), Some(jail.gid))
+            .map_err(io("chown", &fs_socket))?;
 
         let vsock = vsock_socket(&dir);
         let hostname = setup
@@ -443,36 +511,32 @@ impl Started {
             .map(|h| format!("moat.hostname={h} "))
             .unwrap_or_default();
         let append = format!("moat.share={SHARE_TAG} {hostname}{}", config.vm.kernel_args);
-        let mut vmm = Command::new(&config.vm.vmm);
+        let mut vmm = Command::new(JAIL_VMM);
         vmm.arg("--kernel")
-            .arg(&config.vm.kernel)
+            .arg(JAIL_KERNEL)
             .arg("--initramfs")
-            .arg(&config.vm.initramfs)
+            .arg(JAIL_INITRAMFS)
             .arg("--vcpus")
             .arg(size.vcpus.to_string())
             .arg("--memory")
             .arg(size.memory_mib.to_string())
             .arg("--vsock")
-            .arg(format!("cid={GUEST_CID},path={}", vsock.display()))
+            .arg(format!("cid={GUEST_CID},path={JAIL_VSOCK}"))
             .arg("--fs")
-            .arg(format!("tag={SHARE_TAG},socket={}", fs_socket.display()))
+            .arg(format!("tag={SHARE_TAG},socket={JAIL_VIRTIOFSD}"))
             .arg("--append")
             .arg(append.trim_end())
             .args(&config.vm.vmm_args);
+        let mut devices = vec![Path::new("/dev/kvm")];
         // Held until moat-vmm is spawned: its pre_exec enters it.
         let mut netns_file = None;
         if let Some(netns) = &setup.netns {
             let record = dir.join(NETNS_FILE);
-            std::fs::write(&record, netns.as_os_str().as_encoded_bytes()).map_err(|source| {
-                SandboxError::Io {
-                    id: id.clone(),
-                    what: "write",
-                    path: record,
-                    source,
-                }
-            })?;
+            std::fs::write(&record, netns.as_os_str().as_encoded_bytes())
+                .map_err(io("write", &record))?;
             let path = netns.clone();
-            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&path))
+            let owner = (jail.uid, jail.gid);
+            let network = tokio::task::spawn_blocking(move || PodNetwork::attach(&path, owner))
                 .await
                 .map_err(|e| SandboxError::Io {
                     id: id.clone(),
@@ -487,13 +551,11 @@ impl Started {
             for arg in network.vmm_net_args() {
                 vmm.arg("--net").arg(arg);
             }
+            if !network.endpoints.is_empty() {
+                devices.push(Path::new("/dev/net/tun"));
+            }
             self.network = Some(network);
-            let file = std::fs::File::open(netns).map_err(|source| SandboxError::Io {
-                id: id.clone(),
-                what: "open",
-                path: netns.clone(),
-                source,
-            })?;
+            let file = std::fs::File::open(netns).map_err(io("open", netns))?;
             let fd = file.as_raw_fd();
             // SAFETY: the closure runs in the child between fork and exec
             // and calls only setns(2), which is async-signal-safe; `fd`
@@ -508,9 +570,47 @@ impl Started {
             }
             netns_file = Some(file);
         }
+        let mut files = vec![
+            JailFile {
+                host: config.vm.vmm.clone(),
+                jail: JAIL_VMM.into(),
+            },
+            JailFile {
+                host: config.vm.kernel.clone(),
+                jail: JAIL_KERNEL.into(),
+            },
+            JailFile {
+                host: config.vm.initramfs.clone(),
+                jail: JAIL_INITRAMFS.into(),
+            },
+        ];
+        let binary = config.vm.vmm.clone();
+        let libraries = tokio::task::spawn_blocking(move || crate::jail::libraries(&binary))
+            .await
+            .map_err(|e| SandboxError::Io {
+                id: id.clone(),
+                what: "list the libraries of",
+                path: config.vm.vmm.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(jail_error)?;
+        files.extend(libraries.into_iter().map(|library| JailFile {
+            jail: library.clone(),
+            host: library,
+        }));
+        let plan = JailPlan::vmm(&VmmJail {
+            root: &jail_root,
+            run: &run_dir,
+            files: &files,
+            devices: &devices,
+            uid: jail.uid,
+            gid: jail.gid,
+            cgroup: &cgroup,
+        })
+        .map_err(jail_error)?;
         self.times.virtiofsd = boot_start.elapsed();
         let vmm_start = Instant::now();
-        let child = spawn(&id, &config.vm.vmm, &mut vmm, &console)?;
+        let child = spawn(&id, &config.vm.vmm, &mut vmm, plan, &console)?;
         drop(netns_file);
         write_pid_file(&id, &dir.join(VMM_PID), &child)?;
         self.vmm = Some(child);
@@ -615,8 +715,13 @@ impl Started {
             detach_network(&self.id, netns).await;
         }
         self.network = None;
-        if let Some(virtiofsd) = self.virtiofsd.take() {
-            stop_child(virtiofsd).await;
+        if let Some(mut virtiofsd) = self.virtiofsd.take() {
+            // PID 1 of its namespace ignores SIGTERM, and with the VMM
+            // gone it has nothing left to finish.
+            let _ = virtiofsd.kill().await;
+        }
+        if let Err(e) = remove_cgroup(&self.dir).await {
+            eprintln!("moat-shim: sandbox {}: {e}", self.id);
         }
         if let Some(share) = self.share.take() {
             if let Err(e) = share.destroy() {
@@ -663,22 +768,35 @@ async fn detach_network(id: &str, netns: PathBuf) {
     }
 }
 
-/// Starts `command` with stdout and stderr copied into the capped log.
+/// Starts `command` as PID 1 of a new PID namespace, entering `jail`
+/// before it execs, with stdout and stderr copied into the capped log.
+/// A jail step that fails is named in the error.
 fn spawn(
     id: &str,
     binary: &Path,
     command: &mut Command,
+    jail: JailPlan,
     log: &std::sync::Arc<tokio::sync::Mutex<CappedLog>>,
 ) -> Result<Child, SandboxError> {
+    let jail = std::sync::Arc::new(jail);
+    let child_jail = jail.clone();
+    // SAFETY: enter() makes only raw system calls on data built before
+    // the fork, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || child_jail.enter());
+    }
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|source| SandboxError::Spawn {
+    let mut child = spawn_in_new_pid_namespace(command).map_err(|source| SandboxError::Spawn {
         id: id.to_string(),
         binary: binary.to_path_buf(),
-        source,
+        source: match jail.failed_step() {
+            Some(step) => std::io::Error::new(source.kind(), format!("jail: {step}: {source}")),
+            None => source,
+        },
     })?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(copy_capped(out, log.clone()));
@@ -909,6 +1027,12 @@ pub async fn cleanup(dir: &Path) -> Result<(), SandboxError> {
         )
         .await;
     }
+    remove_cgroup(dir)
+        .await
+        .map_err(|source| SandboxError::Jail {
+            id: id.clone(),
+            source,
+        })?;
     let share = PodShare::open(&dir.join("share"));
     share.destroy().map_err(|source| SandboxError::Mount {
         id: id.clone(),
@@ -926,7 +1050,38 @@ pub async fn cleanup(dir: &Path) -> Result<(), SandboxError> {
     }
 }
 
-/// Whether `pid` runs (not a zombie) with `dir` in its command line.
+/// Kills what is left in the cgroup `dir` names (if it names one) and
+/// removes it.
+async fn remove_cgroup(dir: &Path) -> Result<(), crate::jail::JailError> {
+    let Ok(bytes) = std::fs::read(dir.join(CGROUP_FILE)) else {
+        return Ok(());
+    };
+    let cgroup = PodCgroup::open(Path::new(std::ffi::OsStr::from_bytes(&bytes)));
+    tokio::task::spawn_blocking(move || cgroup.remove())
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::jail::JailError::Io {
+                what: "remove",
+                path: PathBuf::from(String::from_utf8_lossy(&bytes).into_owned()),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+}
+
+/// The name of the pod's cgroup: its namespace's and its own directory
+/// names (`<ns>-<id>`), unique among pods.
+fn cgroup_name(dir: &Path) -> String {
+    let name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    format!("{}-{}", name(dir.parent()), name(Some(dir)))
+}
+
+/// Whether `pid` runs (not a zombie) with `dir` in its command line, or
+/// in the cgroup `dir` names (moat-vmm's command line holds only paths
+/// inside its jail).
 fn process_names(pid: i32, dir: &Path) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let zombie = std::fs::read_to_string(proc_dir.join("stat"))
@@ -941,7 +1096,14 @@ fn process_names(pid: i32, dir: &Path) -> bool {
     }
     let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
     let needle = dir.as_os_str().as_encoded_bytes();
-    cmdline.windows(needle.len()).any(|w| w == needle)
+    if cmdline.windows(needle.len()).any(|w| w == needle) {
+        return true;
+    }
+    let cgroup = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap_or_default();
+    let name = cgroup_name(dir);
+    cgroup
+        .lines()
+        .any(|line| line.rsplit('/').next() == Some(name.as_str()))
 }
 
 /// SIGTERM, then SIGKILL after the grace period, for a process that is

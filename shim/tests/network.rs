@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use moat_shim::network::{NetworkError, PodNetwork};
 
+/// The uid and gid the taps are given to.
+const JAIL_OWNER: (u32, u32) = (64001, 64002);
+
 fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -169,7 +172,7 @@ fn a_veth_is_carried_through_a_tap_both_ways_and_detach_leaves_nothing() {
     let pod_mac = mac_of(&pod, "eth0");
     let peer_mac = mac_of(&peer, "vpeer");
 
-    let network = PodNetwork::attach(&pod.path()).expect("attach");
+    let network = PodNetwork::attach(&pod.path(), JAIL_OWNER).expect("attach");
     assert_eq!(network.endpoints.len(), 1, "{network:?}");
     let endpoint = &network.endpoints[0];
     assert_eq!(endpoint.name, "eth0");
@@ -177,6 +180,12 @@ fn a_veth_is_carried_through_a_tap_both_ways_and_detach_leaves_nothing() {
     assert_eq!(endpoint.mtu, 1400);
     assert_eq!(endpoint.tap, "tap0_moat");
     assert_eq!(endpoint.guest_device, "eth0");
+    // The jailed, unprivileged moat-vmm may open the tap.
+    let details = pod.ip(&["-d", "link", "show", "tap0_moat"]);
+    assert!(
+        details.contains("user 64001") && details.contains("group 64002"),
+        "the tap's owner and group: {details}"
+    );
     assert!(
         endpoint.addresses.contains(&"10.213.0.2/24".to_string())
             && endpoint.addresses.contains(&"fd00:213::2/64".to_string())
@@ -282,7 +291,7 @@ fn an_interface_without_a_mac_is_refused_and_nothing_is_left() {
         "link", "add", "name", "eth0", "type", "veth", "peer", "name", "eth9",
     ]);
     pod.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"]);
-    let err = PodNetwork::attach(&pod.path()).expect_err("a tun cannot be carried");
+    let err = PodNetwork::attach(&pod.path(), JAIL_OWNER).expect_err("a tun cannot be carried");
     assert!(
         matches!(&err, NetworkError::NotEthernet { name, .. } if name == "tun0"),
         "{err}"
@@ -308,7 +317,7 @@ fn more_interfaces_than_a_vm_takes_are_refused_and_nothing_is_left() {
             "link", "add", "name", &a, "type", "veth", "peer", "name", &b,
         ]);
     }
-    let err = PodNetwork::attach(&pod.path()).expect_err("too many interfaces");
+    let err = PodNetwork::attach(&pod.path(), JAIL_OWNER).expect_err("too many interfaces");
     assert!(matches!(err, NetworkError::TooMany { .. }), "{err}");
     assert!(err.to_string().contains("at most"), "{err}");
     let links = pod.ip(&["-o", "link"]);
@@ -317,7 +326,10 @@ fn more_interfaces_than_a_vm_takes_are_refused_and_nothing_is_left() {
 
 #[test]
 fn a_missing_namespace_is_named() {
-    let err = PodNetwork::attach(std::path::Path::new("/run/netns/moat-no-such-ns"))
-        .expect_err("no namespace");
+    let err = PodNetwork::attach(
+        std::path::Path::new("/run/netns/moat-no-such-ns"),
+        JAIL_OWNER,
+    )
+    .expect_err("no namespace");
     assert!(err.to_string().contains("moat-no-such-ns"), "{err}");
 }
