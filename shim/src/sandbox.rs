@@ -216,10 +216,11 @@ pub struct BootTimes {
     pub vmm_to_agent: Duration,
 }
 
-/// Where a pod's files are.
-fn vsock_socket(dir: &Path) -> PathBuf {
+/// The hybrid vsock socket of the pod whose state directory is `dir`.
+pub fn vsock_socket(dir: &Path) -> PathBuf {
     dir.join("run/vsock.sock")
 }
+/// Where a pod's other files are.
 fn virtiofsd_socket(dir: &Path) -> PathBuf {
     dir.join("run/virtiofsd.sock")
 }

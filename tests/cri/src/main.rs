@@ -494,9 +494,8 @@ impl Ctx {
 
     /// The agent's open fds, through the pod VM's vsock socket.
     async fn agent_fds(&self, pod: &Pod) -> Result<u32, String> {
-        let vsock = Path::new("/run/moat/pods/k8s.io")
-            .join(&pod.id)
-            .join("vsock.sock");
+        let vsock =
+            moat_shim::sandbox::vsock_socket(&Path::new("/run/moat/pods/k8s.io").join(&pod.id));
         let (agent, _) =
             moat_shim::sandbox::check_agent(&vsock, moat_protocol::DEFAULT_AGENT_PORT).await?;
         let health = agent
@@ -1196,7 +1195,8 @@ fn host_local_allocations() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// moat processes and pod state directories that are still there.
+/// moat processes, pod state directories, cgroups and network parts
+/// that are still there.
 fn leftovers() -> String {
     let mut left = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
@@ -1215,6 +1215,12 @@ fn leftovers() -> String {
     if let Ok(entries) = std::fs::read_dir("/run/moat/pods/k8s.io") {
         for entry in entries.flatten() {
             left.push(format!("pod state {}", entry.path().display()));
+        }
+    }
+    // The pods' cgroups (moat-vmm's and virtiofsd's).
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup/moat") {
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            left.push(format!("pod cgroup {}", entry.path().display()));
         }
     }
     // The pod network's parts: namespaces (with the taps and filters in
