@@ -305,6 +305,7 @@ enum Op {
         gid: u32,
     },
     NoNewPrivs,
+    NoCoreDumps,
 }
 
 /// A page shared with the forked child, where it writes the number of
@@ -508,6 +509,8 @@ impl JailPlan {
             },
         ));
         steps.push(("set no_new_privs".into(), Op::NoNewPrivs));
+        // A core would hold guest memory, and take seconds to write.
+        steps.push(("turn core dumps off".into(), Op::NoCoreDumps));
         Self::new(steps)
     }
 
@@ -696,6 +699,14 @@ fn run(op: &Op) -> std::io::Result<()> {
                 check(libc::setresgid(*gid, *gid, *gid))?;
                 check(libc::setresuid(*uid, *uid, *uid))
             }
+        }
+        Op::NoCoreDumps => {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `none` is a valid rlimit.
+            check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) })
         }
         // SAFETY: prctl with integer arguments.
         Op::NoNewPrivs => check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }),

@@ -361,6 +361,12 @@ impl Sandbox {
         self.vmm.id()
     }
 
+    /// moat-vmm's exit status if it has ended (this reaps it); an error
+    /// if someone else reaped it.
+    pub fn try_vmm_status(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.vmm.try_wait()
+    }
+
     /// virtiofsd's PID.
     pub fn virtiofsd_pid(&self) -> Option<u32> {
         self.virtiofsd.id()
@@ -959,6 +965,16 @@ pub fn vmm_end(pid: u32) -> Option<String> {
     Some(describe_vmm_end(info.si_code, status))
 }
 
+/// Words for a moat-vmm end from its reaped status.
+pub fn describe_exit_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => describe_vmm_end(libc::CLD_EXITED, code),
+        (None, Some(signal)) => describe_vmm_end(libc::CLD_KILLED, signal),
+        (None, None) => format!("{status}"),
+    }
+}
+
 /// Words for a moat-vmm end: `code` is waitid's `si_code` (`CLD_EXITED`,
 /// `CLD_KILLED`, `CLD_DUMPED`), `status` its exit status or signal.
 pub fn describe_vmm_end(code: i32, status: i32) -> String {
@@ -1142,6 +1158,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("child {} did not end", child.id());
+    }
+
+    #[test]
+    fn a_reaped_status_gets_the_same_words() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            describe_exit_status(ExitStatus::from_raw(libc::SIGSYS)),
+            "killed by SIGSYS: a seccomp violation"
+        );
+        let panic = describe_exit_status(ExitStatus::from_raw(10 << 8));
+        assert!(panic.contains("guest kernel panic"), "{panic}");
     }
 
     #[test]

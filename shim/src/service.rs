@@ -15,11 +15,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::monitor::{Subject, Subscription, Topic};
 use containerd_shim::protos::api;
 use containerd_shim::protos::cgroups_v2::metrics as cg2;
 use containerd_shim::protos::events::task as events;
@@ -44,6 +46,8 @@ use crate::stdio;
 
 /// How often the VM watcher looks at moat-vmm.
 pub const VM_POLL: Duration = Duration::from_millis(100);
+/// How long a dead moat-vmm's status is looked for, once it shows dead.
+const VM_END_WAIT: Duration = Duration::from_secs(3);
 /// How long an exited process's output may take to drain before its exit
 /// is reported anyway (a child that outlives an exec can hold its pipe).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
@@ -1040,9 +1044,21 @@ async fn watch_vm(
     console: PathBuf,
 ) {
     let mut share_lost = false;
+    // containerd-shim's SIGCHLD handler reaps every child of the shim
+    // (waitpid(-1)), so moat-vmm's status may be gone before vmm_end's
+    // WNOWAIT look: its exit event is the other way to learn it.
+    let mut exits = match monitor_subscribe(Topic::Pid).await {
+        Ok(subscription) => Some(subscription),
+        Err(e) => {
+            warn!("pod {pod}: cannot subscribe to exit events: {e}");
+            None
+        }
+    };
+    let mut reaped = None;
     loop {
         tokio::time::sleep(VM_POLL).await;
-        if !process_alive(pid) {
+        take_exit(&mut exits, pid, &mut reaped);
+        if reaped.is_some() || !process_alive(pid) {
             break;
         }
         if let Some(fs_pid) = virtiofsd.filter(|p| !share_lost && !process_alive(*p)) {
@@ -1062,7 +1078,36 @@ async fn watch_vm(
             }
         }
     }
-    let end = sandbox::vmm_end(pid).unwrap_or_else(|| "its status is not known".into());
+    // The status, from whichever reaper gets it first: the WNOWAIT look,
+    // containerd-shim's exit event, or the child handle's own wait (the
+    // thread group leader shows as a zombie while its other threads still
+    // exit, before the process can be waited for).
+    let mut end = sandbox::vmm_end(pid);
+    let deadline = Instant::now() + VM_END_WAIT;
+    while end.is_none() && Instant::now() < deadline {
+        take_exit(&mut exits, pid, &mut reaped);
+        end = reaped.map(|code| {
+            if code >= 128 {
+                sandbox::describe_vmm_end(libc::CLD_KILLED, code - 128)
+            } else {
+                sandbox::describe_vmm_end(libc::CLD_EXITED, code)
+            }
+        });
+        if end.is_none() {
+            let mut state = inner.state.lock().await;
+            if let Some(Ok(Some(status))) = state.vm.as_mut().map(|vm| vm.sandbox.try_vmm_status())
+            {
+                end = Some(sandbox::describe_exit_status(status));
+            }
+        }
+        if end.is_none() {
+            tokio::time::sleep(VM_POLL / 5).await;
+        }
+    }
+    if let Some(subscription) = exits {
+        let _ = monitor_unsubscribe(subscription.id).await;
+    }
+    let end = end.unwrap_or_else(|| "its status is not known".into());
     match sandbox::guest_panic(&console) {
         Some(line) => error!(
             "pod {pod}: the guest kernel panicked ({line}); moat-vmm: {end}; console log {}",
@@ -1090,6 +1135,18 @@ async fn watch_vm(
                     pid,
                 )
                 .await;
+        }
+    }
+}
+
+/// Takes the exit events queued for the shim's children, keeping the
+/// exit code of `pid`'s (128 + N for a signal N, as containerd-shim
+/// reports it).
+fn take_exit(exits: &mut Option<Subscription>, pid: u32, code: &mut Option<i32>) {
+    let Some(subscription) = exits else { return };
+    while let Ok(event) = subscription.rx.try_recv() {
+        if matches!(event.subject, Subject::Pid(p) if u32::try_from(p) == Ok(pid)) {
+            *code = Some(event.exit_code);
         }
     }
 }
