@@ -698,6 +698,7 @@ mod tests {
         );
         assert_eq!(example.virtiofs, minimal.virtiofs);
         assert_eq!(example.annotations, minimal.annotations);
+        assert_eq!(example.jail, minimal.jail);
     }
 
     #[test]
