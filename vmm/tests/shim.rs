@@ -85,8 +85,11 @@ fn run_suite(script: &str, work: &str, extra: &[&str], cases: &[&str]) {
 /// `make install`'s script, after which a container runs from the
 /// installed config and files; a config.json with a namespace type no
 /// runtime knows, refused naming it; and a 384 MiB image read whole in a
-/// 256 MiB VM.
-/// After every case no moat process, mount, pod state or task is left.
+/// 256 MiB VM; a seccomp violation in a running pod's VMM, reported by the
+/// shim as such; and the VMM's jail as the host sees it (uid, gid, no
+/// capabilities, its root, namespaces, cgroup and limits).
+/// After every case no moat process, mount, pod state, pod cgroup or task
+/// is left.
 #[test]
 fn ctr_drives_pods_in_microvms_through_containerd() {
     run_suite(
@@ -95,6 +98,7 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
         &[],
         &[
             "echo_in_a_guest_kernel",
+            "vmm_is_jailed",
             "exit_codes",
             "stdin_reaches_the_container",
             "ten_mib_of_output_arrive_exactly",
@@ -106,6 +110,7 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
             "vmm_killed_exits_every_task",
             "refusals_are_clear_and_leave_nothing",
             "guest_panic_is_reported",
+            "seccomp_violation_stops_the_pod",
             "virtiofsd_killed_stops_the_pod",
             "shim_killed_then_containerd_cleans_up",
             "install_puts_moat_in_place",
@@ -125,8 +130,9 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// IPv6 addresses, two moat pods and a runc pod reaching each other and a
 /// hostPort (portmap) reaching a moat pod, 256 MiB each way with equal
 /// SHA-256s to the host found by a hosts-file name, with the pod's DNS
-/// settings; and 50 networked pod cycles each leaving nothing (no
-/// process, pod state, network namespace, veth or host-local address).
+/// settings; 50 networked pod cycles each leaving nothing (no process,
+/// pod state, cgroup, network namespace, veth or host-local address); and
+/// 20 networked pods started and removed at once, leaving nothing.
 #[test]
 fn cri_runs_pods_in_microvms_through_containerd() {
     let cri_check = test_tool("cri-check");
@@ -143,6 +149,7 @@ fn cri_runs_pods_in_microvms_through_containerd() {
             "pods_reach_each_other_and_a_host_port",
             "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
+            "twenty_pods_at_once_leave_nothing",
             "nothing_left_after_the_cri_cases",
         ],
     );

@@ -21,7 +21,7 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(about = "CRI scenarios against containerd's CRI plugin and moat")]
 struct Args {
     /// containerd's socket.
@@ -968,6 +968,136 @@ impl Ctx {
     }
 }
 
+/// Pods of the concurrency case.
+const CONCURRENT_PODS: usize = 20;
+
+impl Ctx {
+    /// 20 networked pods created at once, each with a container and an
+    /// exec (20 VMs: 20 boot IDs, 20 moat-vmm processes, 20 pod cgroups),
+    /// then removed at once: nothing may be left.
+    async fn case_twenty_pods_at_once_leave_nothing(&mut self) -> CaseResult {
+        let started = Instant::now();
+        let mut starts = Vec::new();
+        for i in 0..CONCURRENT_PODS {
+            let mut ctx = Ctx {
+                cri: self.cri.clone(),
+                args: self.args.clone(),
+            };
+            starts.push(tokio::spawn(async move {
+                let pod = ctx.run_pod_on(&format!("many{i}"), true).await?;
+                let container = ctx
+                    .create(&pod, "main", 0, &["sleep", "1000"], vec![])
+                    .await;
+                let boot_id = match &container {
+                    Ok(c) => {
+                        ctx.exec(c, &["cat", "/proc/sys/kernel/random/boot_id"])
+                            .await
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                Ok::<_, String>((pod, container, boot_id))
+            }));
+        }
+        let mut pods = Vec::new();
+        let mut errors = Vec::new();
+        for start in starts {
+            match start.await {
+                Ok(Ok((pod, container, boot_id))) => {
+                    match &boot_id {
+                        Ok((0, _)) => {}
+                        Ok((code, out)) => {
+                            errors.push(format!("pod {}: exec exit {code}: {out}", pod.id))
+                        }
+                        Err(e) => errors.push(format!("pod {}: {e}", pod.id)),
+                    }
+                    pods.push((pod, container.ok(), boot_id.ok().map(|(_, out)| out)));
+                }
+                Ok(Err(e)) => errors.push(e),
+                Err(e) => errors.push(format!("task: {e}")),
+            }
+        }
+        let up = started.elapsed();
+        let vmms = count_processes("moat-vmm");
+        let cgroups = std::fs::read_dir("/sys/fs/cgroup/moat")
+            .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
+            .unwrap_or(0);
+        let mut boot_ids: Vec<String> = pods
+            .iter()
+            .filter_map(|(_, _, id)| id.as_ref().map(|s| s.trim().to_string()))
+            .collect();
+        boot_ids.sort();
+        boot_ids.dedup();
+        let removing = Instant::now();
+        let mut stops = Vec::new();
+        for (pod, container, _) in pods {
+            let mut ctx = Ctx {
+                cri: self.cri.clone(),
+                args: self.args.clone(),
+            };
+            stops.push(tokio::spawn(async move {
+                if let Some(c) = container {
+                    ctx.remove_container(&c).await?;
+                }
+                ctx.remove_pod(&pod).await
+            }));
+        }
+        for stop in stops {
+            match stop.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(e) => errors.push(format!("task: {e}")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        if boot_ids.len() != CONCURRENT_PODS
+            || vmms != CONCURRENT_PODS
+            || cgroups != CONCURRENT_PODS
+        {
+            return Err(format!(
+                "{CONCURRENT_PODS} pods gave {} boot IDs, {vmms} moat-vmm processes and {cgroups} pod cgroups",
+                boot_ids.len()
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = leftovers();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "30 s after removing {CONCURRENT_PODS} pods: {left}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(format!(
+            "{CONCURRENT_PODS} pods up with an exec each in {:.0} s, all removed in {:.0} s",
+            up.as_secs_f64(),
+            removing.elapsed().as_secs_f64()
+        ))
+    }
+}
+
+/// How many processes run `name` (the first word of their command line
+/// ends with it).
+fn count_processes(name: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| {
+                    let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                    let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+                    first.ends_with(name.as_bytes())
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Waits for a container's CRI log file to contain `needle`.
 async fn wait_for_log(path: &str, needle: &str) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1265,6 +1395,7 @@ async fn main() {
             "pods_reach_each_other_and_a_host_port",
             "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
+            "twenty_pods_at_once_leave_nothing",
         ]
         .map(String::from)
         .to_vec();
@@ -1281,6 +1412,9 @@ async fn main() {
             "container_restarts_in_its_pod" => ctx.case_container_restarts_in_its_pod().await,
             "exec_probes_keep_the_agent_flat" => ctx.case_exec_probes_keep_the_agent_flat().await,
             "pod_cycles_leave_nothing" => ctx.case_pod_cycles_leave_nothing().await,
+            "twenty_pods_at_once_leave_nothing" => {
+                ctx.case_twenty_pods_at_once_leave_nothing().await
+            }
             "pod_network_both_ways" => ctx.case_pod_network_both_ways().await,
             "pods_reach_each_other_and_a_host_port" => {
                 ctx.case_pods_reach_each_other_and_a_host_port().await
