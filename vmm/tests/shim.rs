@@ -132,7 +132,9 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// SHA-256s to the host found by a hosts-file name, with the pod's DNS
 /// settings; 50 networked pod cycles each leaving nothing (no process,
 /// pod state, cgroup, network namespace, veth or host-local address); and
-/// 20 networked pods started and removed at once, leaving nothing.
+/// 20 networked pods started and removed at once, leaving nothing; and
+/// `kill -9 1` from a root container in the VM's PID namespace, which the
+/// agent (the guest's init) survives, the pod still working.
 #[test]
 fn cri_runs_pods_in_microvms_through_containerd() {
     let cri_check = test_tool("cri-check");
@@ -150,6 +152,7 @@ fn cri_runs_pods_in_microvms_through_containerd() {
             "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
             "twenty_pods_at_once_leave_nothing",
+            "agent_survives_kill_9_from_the_guest",
             "nothing_left_after_the_cri_cases",
         ],
     );

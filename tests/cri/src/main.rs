@@ -13,11 +13,12 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse,
-    PortMapping, Protocol, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse, PortMapping, Protocol,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -167,6 +168,20 @@ impl Ctx {
         command: &[&str],
         mounts: Vec<Mount>,
     ) -> Result<String, String> {
+        self.create_linux(pod, name, attempt, command, mounts, None)
+            .await
+    }
+
+    /// [`Ctx::create`] with the container's Linux settings.
+    async fn create_linux(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        attempt: u32,
+        command: &[&str],
+        mounts: Vec<Mount>,
+        linux: Option<LinuxContainerConfig>,
+    ) -> Result<String, String> {
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.into(),
@@ -179,6 +194,7 @@ impl Ctx {
             command: command.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}_{attempt}.log"),
             mounts,
+            linux,
             ..Default::default()
         };
         let id = self
@@ -968,6 +984,60 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// The guest agent is the guest's init: a root container in the VM's
+    /// own PID namespace (CRI's `pid: NODE`) sees it as PID 1, and its
+    /// `kill -9 1` must not stop it: the kernel drops signals a
+    /// namespace's init has no handler for, SIGKILL from inside included.
+    /// The pod must keep working (a new exec, a new container).
+    async fn case_agent_survives_kill_9_from_the_guest(&mut self) -> CaseResult {
+        let pod = self.run_pod("agentkill").await?;
+        let linux = LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    pid: NamespaceMode::Node as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = self
+            .create_linux(&pod, "killer", 0, &["sleep", "1000"], vec![], Some(linux))
+            .await?;
+        let (_, init) = self.exec(&c, &["cat", "/proc/1/comm"]).await?;
+        if init.trim() != "init" {
+            return Err(format!(
+                "PID 1 in the VM's PID namespace is {init:?}, not the agent (/init)"
+            ));
+        }
+        let (code, out) = self.exec(&c, &["kill", "-9", "1"]).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (after, comm) = self.exec(&c, &["cat", "/proc/1/comm"]).await?;
+        if after != 0 || comm.trim() != "init" {
+            return Err(format!(
+                "after kill -9 1 (exit {code}: {out}), exec gave {after}: {comm}"
+            ));
+        }
+        let second = self
+            .create(&pod, "after", 0, &["sleep", "1000"], vec![])
+            .await?;
+        let (code2, _) = self.exec(&second, &["true"]).await?;
+        if code2 != 0 {
+            return Err(format!(
+                "a container made after the kill: exec exit {code2}"
+            ));
+        }
+        self.remove_container(&second).await?;
+        self.remove_container(&c).await?;
+        self.remove_pod(&pod).await?;
+        Ok(format!(
+            "kill -9 1 exited {code}; the agent (PID 1) and the pod kept working"
+        ))
+    }
+}
+
 /// Pods of the concurrency case.
 const CONCURRENT_PODS: usize = 20;
 
@@ -1396,6 +1466,7 @@ async fn main() {
             "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
             "twenty_pods_at_once_leave_nothing",
+            "agent_survives_kill_9_from_the_guest",
         ]
         .map(String::from)
         .to_vec();
@@ -1412,6 +1483,9 @@ async fn main() {
             "container_restarts_in_its_pod" => ctx.case_container_restarts_in_its_pod().await,
             "exec_probes_keep_the_agent_flat" => ctx.case_exec_probes_keep_the_agent_flat().await,
             "pod_cycles_leave_nothing" => ctx.case_pod_cycles_leave_nothing().await,
+            "agent_survives_kill_9_from_the_guest" => {
+                ctx.case_agent_survives_kill_9_from_the_guest().await
+            }
             "twenty_pods_at_once_leave_nothing" => {
                 ctx.case_twenty_pods_at_once_leave_nothing().await
             }
