@@ -30,7 +30,11 @@ pub fn connect_no_follow(uds: &Path) -> io::Result<UnixStream> {
             format!(
                 "{}: not a socket ({}), not connecting",
                 uds.display(),
-                if kind.is_symlink() { "a symlink" } else { "another file type" }
+                if kind.is_symlink() {
+                    "a symlink"
+                } else {
+                    "another file type"
+                }
             ),
         ));
     }
@@ -101,7 +105,10 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let err_file = connect_no_follow(&file).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(err.contains("a symlink") && err.contains("link.sock"), "{err}");
+        assert!(
+            err.contains("a symlink") && err.contains("link.sock"),
+            "{err}"
+        );
         assert!(err_file.contains("not a socket"), "{err_file}");
     }
 }

@@ -21,7 +21,6 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -731,12 +730,6 @@ pub fn spawn_in_new_pid_namespace(
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
     })
-}
-
-/// Writes `value` to `path` (a small helper for the sandbox's records).
-pub fn write_record(path: &Path, value: &[u8]) -> Result<()> {
-    let mut file = File::create(path).map_err(io_error("create", path))?;
-    file.write_all(value).map_err(io_error("write", path))
 }
 
 #[cfg(test)]
