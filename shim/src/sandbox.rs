@@ -250,15 +250,7 @@ impl Sandbox {
         size: VmSize,
         setup: &PodSetup,
     ) -> Result<Self, SandboxError> {
-        let io = |what, path: &Path| {
-            let (id, path) = (id.to_string(), path.to_path_buf());
-            move |source| SandboxError::Io {
-                id,
-                what,
-                path,
-                source,
-            }
-        };
+        let io = |what, path: &Path| io_error(id, what, path);
         if dir.exists() {
             return Err(SandboxError::Exists {
                 id: id.to_string(),
@@ -436,15 +428,7 @@ impl Started {
         }));
 
         let jail = &config.jail;
-        let io = |what: &'static str, path: &Path| {
-            let (id, path) = (id.clone(), path.to_path_buf());
-            move |source| SandboxError::Io {
-                id,
-                what,
-                path,
-                source,
-            }
-        };
+        let io = |what, path: &Path| io_error(&id, what, path);
         let jail_error = |source| SandboxError::Jail {
             id: id.clone(),
             source,
@@ -758,6 +742,21 @@ impl Started {
                 source: std::io::Error::other("still present after teardown"),
             }),
         }
+    }
+}
+
+/// Maps an I/O error of `what` on `path` into pod `id`'s error.
+fn io_error(
+    id: &str,
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let (id, path) = (id.to_string(), path.to_path_buf());
+    move |source| SandboxError::Io {
+        id,
+        what,
+        path,
+        source,
     }
 }
 
