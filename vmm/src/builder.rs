@@ -244,19 +244,18 @@ fn console_writer(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildE
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(CappedWriter::new(
+        SerialOutput::File { path, cap } => Box::new(CappedWriter::new(
             File::create(path).map_err(|source| BuildError::SerialFile {
                 path: path.clone(),
                 source,
             })?,
-            CONSOLE_FILE_CAP,
+            *cap,
         )),
     })
 }
 
-/// The most a `--serial file:` console log grows to; a guest that writes
-/// without end cannot fill the host's disk.
-pub const CONSOLE_FILE_CAP: u64 = 16 << 20;
+/// The default cap of a `--serial file:` console log.
+pub use crate::config::CONSOLE_FILE_CAP;
 
 /// Passes writes through until `cap` bytes, then notes the cut once and
 /// drops the rest (reporting it written, so the guest never stalls).

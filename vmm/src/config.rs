@@ -128,7 +128,9 @@ pub enum ConfigError {
     #[error("vsock socket {0} already exists; remove it or choose another path")]
     VsockExists(PathBuf),
     /// An unknown serial output.
-    #[error("serial output {0:?} is not one of stdout, none, file:PATH")]
+    #[error(
+        "serial output {0:?} is not one of stdout, none, file:PATH[,cap=BYTES] (a cap above 0)"
+    )]
     SerialOutput(String),
     /// A virtio-fs description that cannot be parsed.
     #[error("virtio-fs {0:?}: expected tag=TAG,socket=PATH[,queues=N][,queue_size=N]")]
@@ -157,14 +159,25 @@ pub enum ConfigError {
     },
 }
 
+/// The most a `file:` console log grows to unless its `cap=` says
+/// otherwise (16 MiB): a guest that writes without end cannot fill the
+/// host's disk.
+pub const CONSOLE_FILE_CAP: u64 = 16 << 20;
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SerialOutput {
     /// The VMM's standard output.
     #[default]
     Stdout,
-    /// A file, created or truncated.
-    File(PathBuf),
+    /// A file, created or truncated, that grows to at most `cap` bytes
+    /// (default [`CONSOLE_FILE_CAP`]); the rest is dropped.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its size cap in bytes.
+        cap: u64,
+    },
     /// Nowhere.
     None,
 }
@@ -176,10 +189,21 @@ impl FromStr for SerialOutput {
         match s {
             "stdout" => Ok(SerialOutput::Stdout),
             "none" => Ok(SerialOutput::None),
-            _ => match s.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
-                _ => Err(ConfigError::SerialOutput(s.to_string())),
-            },
+            _ => {
+                let bad = || ConfigError::SerialOutput(s.to_string());
+                let file = s.strip_prefix("file:").ok_or_else(bad)?;
+                let (path, cap) = match file.rsplit_once(",cap=") {
+                    Some((path, cap)) => (path, cap.parse::<u64>().map_err(|_| bad())?),
+                    None => (file, CONSOLE_FILE_CAP),
+                };
+                if path.is_empty() || cap == 0 {
+                    return Err(bad());
+                }
+                Ok(SerialOutput::File {
+                    path: PathBuf::from(path),
+                    cap,
+                })
+            }
         }
     }
 }
@@ -1076,9 +1100,28 @@ mod tests {
         assert_eq!("none".parse::<SerialOutput>().unwrap(), SerialOutput::None);
         assert_eq!(
             "file:/tmp/console.log".parse::<SerialOutput>().unwrap(),
-            SerialOutput::File("/tmp/console.log".into())
+            SerialOutput::File {
+                path: "/tmp/console.log".into(),
+                cap: CONSOLE_FILE_CAP
+            }
         );
-        for bad in ["file:", "tty", ""] {
+        assert_eq!(
+            "file:/tmp/a,b.log,cap=65536"
+                .parse::<SerialOutput>()
+                .unwrap(),
+            SerialOutput::File {
+                path: "/tmp/a,b.log".into(),
+                cap: 65536
+            }
+        );
+        for bad in [
+            "file:",
+            "tty",
+            "",
+            "file:/tmp/x,cap=0",
+            "file:/tmp/x,cap=1M",
+            "file:,cap=9",
+        ] {
             assert!(bad.parse::<SerialOutput>().is_err(), "{bad}");
         }
     }

@@ -46,7 +46,8 @@ struct Cli {
     /// Guest memory in MiB (default 128).
     #[arg(long, value_name = "MiB")]
     memory: Option<u64>,
-    /// Serial console output: stdout, none or file:PATH (default stdout).
+    /// Serial console output: stdout, none or file:PATH[,cap=BYTES]
+    /// (default stdout; a file's cap defaults to 16 MiB).
     #[arg(long, value_name = "OUTPUT")]
     serial: Option<String>,
     /// Give the guest a virtio-rng entropy device.
