@@ -44,6 +44,7 @@ fn agent_answers_health_check_over_vsock_after_boot() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
+    assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     assert!(run.stdout.contains("agent-check exit: 0"), "{all}");
     assert!(
         run.stdout.contains("health check ok after") && run.stdout.contains("(api version 2)"),
@@ -90,6 +91,7 @@ fn agent_client_suite_runs_real_containers_in_the_guest() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
+    assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     for line in run
         .stdout
         .lines()

@@ -65,6 +65,7 @@ fn every_thread_kind_dies_of_sigsys_outside_its_filter_and_a_full_vm_runs_inside
     );
     let run = kvm_run_within(&["bash", "-c", &script], 900);
     let all = run.describe();
+    assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     assert!(run.stdout.contains("status clean 0"), "{all}");
     assert!(run.stdout.contains("guest done clean"), "{all}");
     assert!(

@@ -180,6 +180,7 @@ fn vsock_hybrid_echo_100_connections_each_way_and_bulk_each_way() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
+    assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     assert!(
         run.stdout.contains("host echo clients: 100 ok"),
         "host to guest echo\n{all}"
@@ -287,6 +288,7 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
+    assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     assert_eq!(
         run.guest_value("eth0 mac"),
         Some("02:00:00:00:00:0a"),
@@ -354,6 +356,7 @@ fn sigterm_stops_the_vm_cleanly_and_removes_the_vsock_socket() {
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
+    assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     assert!(run.stdout.contains("socket present while running"), "{all}");
     assert!(run.stdout.contains("vm exit status: 0"), "{all}");
     assert!(run.stdout.contains("vsock socket removed"), "{all}");
