@@ -129,11 +129,11 @@ test-tools:
 	cargo build -p moat-tests --bins --release
 	cargo build -p containerd-shim-moat-v2 -p moat-cri-tests --release
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build -p moat-tests --bin guest-tool \
-		--release --target x86_64-unknown-linux-gnu
+		--bin hostile-guest --release --target x86_64-unknown-linux-gnu
 
 # KVM boots go through the harness one at a time: each starts its own L1.
 kvm-test: test-tools guest virtiofsd
-	cargo test --release -p moat-vmm --test boot --test seccomp --test virtio --test fs --test agent --test shim -- --test-threads=1
+	cargo test --release -p moat-vmm --test boot --test seccomp --test virtio --test hostile --test fs --test agent --test shim -- --test-threads=1
 
 ## bench-boot: moat-vmm against QEMU microvm, boot time and peak RSS, and
 ## moat-vmm with memfd guest RAM (--shared-memory) beside them.

@@ -3,7 +3,7 @@
 # console, writes the boot-time marker, and ends the VM.
 # Kernel parameters without dots reach it as environment variables:
 #   moat_mode=report (default) | bench | block-write | block-read | vsock | net |
-#     devbench | wait
+#     devbench | hostile | wait
 #     bench prints only the first line; block-write fills the first
 #     moat_block_mib MiB (default 64) of /dev/vda with random data and
 #     prints its SHA-256, and tries to write /dev/vdb (read-only);
@@ -15,7 +15,8 @@
 #     runs the guest half of bench-devices (tests/src/bin/bench-devices.rs);
 #     fs mounts the virtio-fs share tagged moat_fs_ctl (default ctl) at
 #     /ctl and runs the scenario's guest half from it, /ctl/guest.sh (see
-#     vmm/tests/fs.rs and tests/src/bin/bench-fs.rs); wait reports, then
+#     vmm/tests/fs.rs and tests/src/bin/bench-fs.rs); hostile runs
+#     hostile-guest's floods (see vmm/tests/hostile.rs); wait reports, then
 #     sleeps until the host stops the VM
 #   moat_exit=reboot (default) | poweroff | panic (init exits: the kernel
 #     panics with "Attempted to kill init!")
@@ -112,6 +113,16 @@ case "${moat_mode:-report}" in
     else
       echo "MOAT_GUEST fs: cannot mount the control share ${moat_fs_ctl:-ctl}"
     fi
+    ;;
+  hostile)
+    # The hostile guest of vmm/tests/hostile.rs: floods of vsock connects
+    # to the host's idle listener on moat_hostile_port, then the device
+    # driven raw, then the console; its reports are in the console file.
+    port=${moat_hostile_port:-7000}
+    hostile-guest connect-flood "$port" "${moat_hostile_conns:-4000}" "${moat_hostile_hold:-10}"
+    hostile-guest raw-flood "$port" "${moat_hostile_secs:-20}"
+    echo "MOAT_GUEST hostile floods: done"
+    hostile-guest console-spam "${moat_hostile_spam_secs:-30}"
     ;;
   wait)
     echo "MOAT_GUEST waiting"

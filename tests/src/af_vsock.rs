@@ -52,6 +52,42 @@ pub fn connect(cid: u32, port: u32) -> io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
+/// Starts a non-blocking connect to `port` of `cid` and returns the
+/// socket at once: it polls writable when the connect has ended, and its
+/// `SO_ERROR` then says how (0 for connected).
+pub fn start_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created socket this process owns alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = address(cid, port);
+    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            ADDR_LEN,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    Ok(fd)
+}
+
 /// A listening socket on `port` of any local CID.
 pub struct Listener(OwnedFd);
 

@@ -5,6 +5,7 @@
 //!   host-tool send UDS PORT BYTES SEED         send a pattern to the guest
 //!   host-tool sink PATH                        one guest connection to its end
 //!   host-tool echo-server PATH                 echo guest connections, forever
+//!   host-tool idle-listener PATH               listen, never accept, forever
 //!   host-tool tcp-send ADDR:PORT BYTES SEED     send a pattern over TCP
 //!   host-tool tcp-sink ADDR:PORT                one TCP connection to its end
 
@@ -134,6 +135,20 @@ fn run(args: &[String]) -> Result<(), String> {
                 std::thread::spawn(move || {
                     let _ = echo(&mut conn);
                 });
+            }
+        }
+        "idle-listener" => {
+            // Connections queue in the backlog and are never accepted or
+            // read: the far end of a hostile guest's connect flood.
+            let listener = UnixListener::bind(&path).map_err(|e| format!("listen {path}: {e}"))?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: listen(2) again on a listening socket only resizes
+            // its backlog.
+            if unsafe { libc::listen(listener.as_raw_fd(), 4096) } < 0 {
+                return Err(format!("listen {path}: {}", io::Error::last_os_error()));
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
             }
         }
         _ => return Err(format!("unknown command {cmd:?}")),

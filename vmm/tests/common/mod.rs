@@ -203,12 +203,15 @@ pub fn vmm_direct(args: &[&str]) -> Run {
 }
 
 /// A helper program of the `moat-tests` crate, built by `make kvm-test`
-/// (`host-tool` for the host side; the static `guest-tool` for guests).
+/// (`host-tool` for the host side; the static `guest-tool` and
+/// `hostile-guest` for guests).
 pub fn test_tool(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| repo_root().join("target"), PathBuf::from);
     let path = match name {
-        "guest-tool" => target.join("x86_64-unknown-linux-gnu/release/guest-tool"),
+        "guest-tool" | "hostile-guest" => {
+            target.join("x86_64-unknown-linux-gnu/release").join(name)
+        }
         _ => target.join("release").join(name),
     };
     assert!(
