@@ -15,10 +15,10 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse, PortMapping, Protocol,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest,
+    ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse,
+    PortMapping, Protocol, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -955,6 +955,8 @@ impl Ctx {
 
     async fn case_pod_cycles_leave_nothing(&mut self) -> CaseResult {
         let started = Instant::now();
+        let containerd_fds_before = containerd_fds()?;
+        let shim_sockets_before = shim_sockets();
         for i in 0..self.args.cycles {
             let pod = self.run_pod_on(&format!("cycle{i}"), true).await?;
             let c = self
@@ -976,11 +978,60 @@ impl Ctx {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            let sockets = shim_sockets();
+            if sockets > shim_sockets_before {
+                return Err(format!(
+                    "after cycle {i}: {sockets} shim sockets in /run/containerd/s, {shim_sockets_before} before the cycles"
+                ));
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        // containerd's own view: no cycle pod or its container is left.
+        let pods = self
+            .cri
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .map_err(status("ListPodSandbox"))?
+            .into_inner()
+            .items;
+        let cycle_pods: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p.metadata.as_ref())
+            .map(|m| m.name.clone())
+            .filter(|name| name.starts_with("cycle"))
+            .collect();
+        if !cycle_pods.is_empty() {
+            return Err(format!("containerd still lists pods {cycle_pods:?}"));
+        }
+        let containers = self
+            .cri
+            .list_containers(ListContainersRequest::default())
+            .await
+            .map_err(status("ListContainers"))?
+            .into_inner()
+            .containers;
+        let live: std::collections::HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
+        let orphans: Vec<&str> = containers
+            .iter()
+            .filter(|c| !live.contains(c.pod_sandbox_id.as_str()))
+            .map(|c| c.id.as_str())
+            .collect();
+        if !orphans.is_empty() {
+            return Err(format!(
+                "containerd lists containers of removed pods: {orphans:?}"
+            ));
+        }
+        // containerd holds no more fds than before (a little slack for
+        // its own caches and gRPC connections).
+        let containerd_fds_after = containerd_fds()?;
+        if containerd_fds_after > containerd_fds_before + CONTAINERD_FD_SLACK {
+            return Err(format!(
+                "containerd's fds grew from {containerd_fds_before} to {containerd_fds_after} over the cycles"
+            ));
         }
         Ok(format!(
-            "{} cycles in {:.0} s",
+            "{} cycles in {secs:.0} s; containerd's fds {containerd_fds_before} before, {containerd_fds_after} after",
             self.args.cycles,
-            started.elapsed().as_secs_f64()
         ))
     }
 }
@@ -1398,8 +1449,41 @@ fn host_local_allocations() -> Vec<String> {
 
 /// moat processes, pod state directories, cgroups and network parts
 /// that are still there.
+/// How many more fds containerd may hold after the pod cycles than
+/// before: its caches and gRPC connections settle, a leak per pod does
+/// not (200 cycles would show 200).
+const CONTAINERD_FD_SLACK: usize = 16;
+
+/// The fds containerd holds.
+fn containerd_fds() -> Result<usize, String> {
+    let entries = std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
+    for entry in entries.flatten() {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "containerd" {
+            let fds = std::fs::read_dir(entry.path().join("fd"))
+                .map_err(|e| format!("containerd's fds: {e}"))?;
+            return Ok(fds.count());
+        }
+    }
+    Err("no containerd process".into())
+}
+
+/// The shims' ttrpc sockets in containerd's socket directory.
+fn shim_sockets() -> usize {
+    std::fs::read_dir("/run/containerd/s").map_or(0, |d| d.count())
+}
+
 fn leftovers() -> String {
     let mut left = Vec::new();
+    // Mounts moat made for a pod (its share, its container rootfs binds).
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mountinfo.lines() {
+        if let Some(point) = line.split(' ').nth(4) {
+            if point.starts_with("/run/moat") {
+                left.push(format!("mount {point}"));
+            }
+        }
+    }
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
