@@ -14,14 +14,38 @@ pub const HOST_CID: u32 = 2;
 
 const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
-fn socket() -> io::Result<OwnedFd> {
+fn socket(flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a freshly created socket this process owns alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// connect(2) of `fd` to `port` of `cid`.
+fn connect_fd(fd: &OwnedFd, cid: u32, port: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let addr = address(cid, port);
+    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            ADDR_LEN,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn address(cid: u32, port: u32) -> libc::sockaddr_vm {
@@ -35,20 +59,8 @@ fn address(cid: u32, port: u32) -> libc::sockaddr_vm {
 
 /// Connects to `port` of `cid`.
 pub fn connect(cid: u32, port: u32) -> io::Result<UnixStream> {
-    use std::os::fd::AsRawFd;
-    let fd = socket()?;
-    let addr = address(cid, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            ADDR_LEN,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = socket(0)?;
+    connect_fd(&fd, cid, port)?;
     Ok(UnixStream::from(fd))
 }
 
@@ -56,36 +68,11 @@ pub fn connect(cid: u32, port: u32) -> io::Result<UnixStream> {
 /// socket at once: it polls writable when the connect has ended, and its
 /// `SO_ERROR` then says how (0 for connected).
 pub fn start_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_VSOCK,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+    let fd = socket(libc::SOCK_NONBLOCK)?;
+    match connect_fd(&fd, cid, port) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => Err(e),
+        _ => Ok(fd),
     }
-    // SAFETY: fd is a freshly created socket this process owns alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let addr = address(cid, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            ADDR_LEN,
-        )
-    };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(e);
-        }
-    }
-    Ok(fd)
 }
 
 /// A listening socket on `port` of any local CID.
@@ -95,7 +82,7 @@ impl Listener {
     /// Binds and listens on `port`.
     pub fn bind(port: u32) -> io::Result<Self> {
         use std::os::fd::AsRawFd;
-        let fd = socket()?;
+        let fd = socket(0)?;
         let addr = address(libc::VMADDR_CID_ANY, port);
         // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
         let rc = unsafe {

@@ -565,17 +565,21 @@ fn raw_flood(port: u32, seconds: u64) -> Result<(), String> {
             *sent += 1;
         }
     };
-    let mut last_progress = Instant::now();
-    while Instant::now() < deadline {
-        refill(&mut tx, &mut sent);
+    // Fills the tx ring, notifies, and counts what the device has taken.
+    let kick_tx = |tx: &mut Queue, sent: &mut u64, consumed: &mut u64| {
+        refill(tx, sent);
         mmio.write(reg::QUEUE_NOTIFY, TX_QUEUE);
         let mut moved = false;
         while tx.take_used(&dma).is_some() {
-            consumed += 1;
+            *consumed += 1;
             moved = true;
         }
         ack(&mmio);
-        if moved {
+        moved
+    };
+    let mut last_progress = Instant::now();
+    while Instant::now() < deadline {
+        if kick_tx(&mut tx, &mut sent, &mut consumed) {
             last_progress = Instant::now();
         } else if last_progress.elapsed() > Duration::from_secs(3) {
             stalled = true;
@@ -623,13 +627,9 @@ fn raw_flood(port: u32, seconds: u64) -> Result<(), String> {
             rx.offer(&dma, slot);
         }
         mmio.write(reg::QUEUE_NOTIFY, RX_QUEUE);
-        refill(&mut tx, &mut sent);
-        mmio.write(reg::QUEUE_NOTIFY, TX_QUEUE);
-        while tx.take_used(&dma).is_some() {
-            consumed += 1;
+        if kick_tx(&mut tx, &mut sent, &mut consumed) {
             moved = true;
         }
-        ack(&mmio);
         if moved {
             last_progress = Instant::now();
         } else {
