@@ -90,6 +90,7 @@ fn run_suite(script: &str, work: &str, extra: &[&str], cases: &[&str]) {
 /// shim as such; and the VMM's jail as the host sees it (uid, gid, no
 /// capabilities, its root, namespaces, cgroup and limits); and a guest
 /// whose RAM a container fills, held by the pod's cgroup with no OOM kill.
+/// containerd holds no more fds after the cases than before them.
 /// After every case no moat process, mount, pod state, pod cgroup or task
 /// is left.
 #[test]
@@ -119,6 +120,7 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
             "malformed_spec_is_refused",
             "image_bigger_than_the_vm",
             "guest_memory_filled_stays_in_the_pod_cgroup",
+            "containerd_holds_no_more_fds",
         ],
     );
 }

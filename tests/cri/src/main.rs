@@ -345,6 +345,46 @@ impl Ctx {
         Ok(())
     }
 
+    /// containerd's own view once pods named `prefix...` are removed:
+    /// its CRI lists none of them, and no container of a removed pod.
+    async fn containerd_forgot(&mut self, prefix: &str) -> Result<(), String> {
+        let pods = self
+            .cri
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .map_err(status("ListPodSandbox"))?
+            .into_inner()
+            .items;
+        let named: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p.metadata.as_ref())
+            .map(|m| m.name.clone())
+            .filter(|name| name.starts_with(prefix))
+            .collect();
+        if !named.is_empty() {
+            return Err(format!("containerd still lists pods {named:?}"));
+        }
+        let containers = self
+            .cri
+            .list_containers(ListContainersRequest::default())
+            .await
+            .map_err(status("ListContainers"))?
+            .into_inner()
+            .containers;
+        let live: std::collections::HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
+        let orphans: Vec<&str> = containers
+            .iter()
+            .filter(|c| !live.contains(c.pod_sandbox_id.as_str()))
+            .map(|c| c.id.as_str())
+            .collect();
+        if !orphans.is_empty() {
+            return Err(format!(
+                "containerd lists containers of removed pods: {orphans:?}"
+            ));
+        }
+        Ok(())
+    }
+
     /// Stops and removes every pod sandbox containerd's CRI has.
     async fn remove_all_pods(&mut self) -> Result<(), String> {
         let pods = self
@@ -986,41 +1026,7 @@ impl Ctx {
             }
         }
         let secs = started.elapsed().as_secs_f64();
-        // containerd's own view: no cycle pod or its container is left.
-        let pods = self
-            .cri
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .map_err(status("ListPodSandbox"))?
-            .into_inner()
-            .items;
-        let cycle_pods: Vec<String> = pods
-            .iter()
-            .filter_map(|p| p.metadata.as_ref())
-            .map(|m| m.name.clone())
-            .filter(|name| name.starts_with("cycle"))
-            .collect();
-        if !cycle_pods.is_empty() {
-            return Err(format!("containerd still lists pods {cycle_pods:?}"));
-        }
-        let containers = self
-            .cri
-            .list_containers(ListContainersRequest::default())
-            .await
-            .map_err(status("ListContainers"))?
-            .into_inner()
-            .containers;
-        let live: std::collections::HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
-        let orphans: Vec<&str> = containers
-            .iter()
-            .filter(|c| !live.contains(c.pod_sandbox_id.as_str()))
-            .map(|c| c.id.as_str())
-            .collect();
-        if !orphans.is_empty() {
-            return Err(format!(
-                "containerd lists containers of removed pods: {orphans:?}"
-            ));
-        }
+        self.containerd_forgot("cycle").await?;
         // containerd holds no more fds than before (a little slack for
         // its own caches and gRPC connections).
         let containerd_fds_after = containerd_fds()?;
@@ -1096,7 +1102,8 @@ const CONCURRENT_PODS: usize = 20;
 impl Ctx {
     /// 20 networked pods created at once, each with a container and an
     /// exec (20 VMs: 20 boot IDs, 20 moat-vmm processes, 20 pod cgroups),
-    /// then removed at once: nothing may be left.
+    /// then removed at once: nothing may be left, and containerd's CRI
+    /// must list none of them.
     async fn case_twenty_pods_at_once_leave_nothing(&mut self) -> CaseResult {
         let started = Instant::now();
         let mut starts = Vec::new();
@@ -1195,6 +1202,7 @@ impl Ctx {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        self.containerd_forgot("many").await?;
         Ok(format!(
             "{CONCURRENT_PODS} pods up with an exec each in {:.0} s, all removed in {:.0} s",
             up.as_secs_f64(),
