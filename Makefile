@@ -20,7 +20,7 @@ AGENT_TEST_INITRAMFS := $(TARGET_DIR)/moat-guest/agent-test-initramfs.cpio.gz
 AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/guest/moat-agent
 
 .PHONY: demo install test deps kernel initramfs guest build build-release lint unit-test \
-	harness-test fuzz-smoke test-tools kvm-test virtiofsd bench-boot bench-devices bench-fs bench-agent boot-rate \
+	harness-test fuzz-smoke test-tools kvm-test virtiofsd soak bench-boot bench-devices bench-fs bench-agent boot-rate \
 	net-crash-rate bench-start bench-net
 
 ## demo: build everything, boot a pod microVM and run a container in it
@@ -50,6 +50,17 @@ bench-net: deps kernel build-release guest virtiofsd test-tools
 		"$$(tests/harness/install-virtiofsd | tail -n1)" >/dev/null
 	$(KVM_RUN) -- tests/shim/bench-net /tmp/moat-bench-net $(TARGET_DIR)/release \
 		$(TARGET_DIR)/moat-bench.toml $(TARGET_DIR)/release/cri-check $(BENCH_NET_ARGS)
+
+## soak: the CRI suite's pod cycle case with 200 sequential networked
+## pods, each a container and an exec, each checked for leftovers (7 to
+## 17 s a cycle in the harness: 25 to 60 minutes; `make test` runs 50).
+soak: deps kernel build-release guest virtiofsd test-tools
+	tests/shim/write-config $(TARGET_DIR)/moat-soak.toml $(TARGET_DIR)/release/moat-vmm \
+		"$$(kernel-config/build-kernel.sh | tail -n1)" $(AGENT_INITRAMFS) \
+		"$$(tests/harness/install-virtiofsd | tail -n1)" >/dev/null
+	$(KVM_RUN) --timeout 5400 -- tests/shim/cri-suite /tmp/moat-soak $(TARGET_DIR)/release \
+		$(TARGET_DIR)/moat-soak.toml $(TARGET_DIR)/release/cri-check --cycles $(or $(CYCLES),200) \
+		pod_cycles_leave_nothing
 
 ## bench-start: containers and CRI pods started through containerd, moat
 ## against runc (medians and ratios, RUNS=N, default 5), moat's start in

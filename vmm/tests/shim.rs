@@ -8,8 +8,7 @@ mod common;
 use common::{guest_vmlinux, kvm_run_within, repo_root, test_tool, vmm_binary};
 
 /// What each suite may take in L1 (the ctr suite runs about 10 minutes
-/// under TCG, the CRI suite about 30 with its 200 pod cycles, mostly guest
-/// boots).
+/// under TCG, the CRI suite 20 to 30, mostly pod starts).
 const SUITE_TIMEOUT_SECS: u32 = 2700;
 
 /// The shim's config file for the harness: the guest assets under test.
@@ -135,7 +134,7 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// IPv6 addresses, two moat pods and a runc pod reaching each other and a
 /// hostPort (portmap) reaching a moat pod, 256 MiB each way with equal
 /// SHA-256s to the host found by a hosts-file name, with the pod's DNS
-/// settings; 200 networked pod cycles each leaving nothing (no process,
+/// settings; 50 networked pod cycles each leaving nothing (no process,
 /// pod state, cgroup, network namespace, veth or host-local address); and
 /// 20 networked pods started and removed at once, leaving nothing; and
 /// `kill -9 1` from a root container in the VM's PID namespace, which the
