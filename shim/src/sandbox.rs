@@ -48,8 +48,10 @@ pub const GUEST_CID: u32 = 3;
 /// The console log's cap: beyond it, output is read and dropped, so a
 /// chatty guest can neither fill the disk nor stall its VMM.
 pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
-/// How long virtiofsd may take to create its socket.
-const VIRTIOFSD_START: Duration = Duration::from_secs(5);
+/// How long virtiofsd may take to create its socket. It takes milliseconds
+/// alone, but 20 pods started at once in the nested harness once took over
+/// 5 s; a virtiofsd that dies is noticed at once, not at this deadline.
+const VIRTIOFSD_START: Duration = Duration::from_secs(30);
 /// How long a stopping process gets after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The PID files [`cleanup`] reads.

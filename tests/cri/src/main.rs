@@ -16,9 +16,10 @@ use k8s_cri::v1::{
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PodSandboxStatusResponse,
-    PortMapping, Protocol, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandbox, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    PodSandboxStatusResponse, PortMapping, Protocol, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -345,16 +346,21 @@ impl Ctx {
         Ok(())
     }
 
-    /// containerd's own view once pods named `prefix...` are removed:
-    /// its CRI lists none of them, and no container of a removed pod.
-    async fn containerd_forgot(&mut self, prefix: &str) -> Result<(), String> {
-        let pods = self
+    /// Every pod sandbox containerd's CRI lists.
+    async fn list_pods(&mut self) -> Result<Vec<PodSandbox>, String> {
+        Ok(self
             .cri
             .list_pod_sandbox(ListPodSandboxRequest::default())
             .await
             .map_err(status("ListPodSandbox"))?
             .into_inner()
-            .items;
+            .items)
+    }
+
+    /// containerd's own view once pods named `prefix...` are removed:
+    /// its CRI lists none of them, and no container of a removed pod.
+    async fn containerd_forgot(&mut self, prefix: &str) -> Result<(), String> {
+        let pods = self.list_pods().await?;
         let named: Vec<String> = pods
             .iter()
             .filter_map(|p| p.metadata.as_ref())
@@ -387,13 +393,7 @@ impl Ctx {
 
     /// Stops and removes every pod sandbox containerd's CRI has.
     async fn remove_all_pods(&mut self) -> Result<(), String> {
-        let pods = self
-            .cri
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .map_err(status("ListPodSandbox"))?
-            .into_inner()
-            .items;
+        let pods = self.list_pods().await?;
         for pod in pods {
             let id = pod.id;
             self.cri
