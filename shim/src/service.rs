@@ -1063,8 +1063,19 @@ async fn watch_vm(
         }
         if let Some(fs_pid) = virtiofsd.filter(|p| !share_lost && !process_alive(*p)) {
             // virtiofsd also ends when moat-vmm does (its client went):
-            // give the VMM's own end a moment to show first.
-            tokio::time::sleep(VM_POLL * 5).await;
+            // give the VMM's own end a moment to show first, and after a
+            // guest panic, which moat-vmm ends by itself (closing
+            // virtiofsd's connection before it exits), long enough for a
+            // loaded host to let it report its own status.
+            let grace = if sandbox::guest_panic(&console).is_some() {
+                VM_POLL * 50
+            } else {
+                VM_POLL * 5
+            };
+            let until = Instant::now() + grace;
+            while process_alive(pid) && Instant::now() < until {
+                tokio::time::sleep(VM_POLL).await;
+            }
             if !process_alive(pid) {
                 break;
             }
