@@ -155,7 +155,6 @@ fn cri_runs_pods_in_microvms_through_containerd() {
             "pods_reach_each_other_and_a_host_port",
             "bulk_each_way_hosts_file_and_dns",
             "pod_cycles_leave_nothing",
-            "twenty_pods_at_once_leave_nothing",
             "agent_survives_kill_9_from_the_guest",
             "nothing_left_after_the_cri_cases",
         ],
