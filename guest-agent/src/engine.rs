@@ -712,18 +712,17 @@ impl Engine {
                 )
                 .await;
         }
-        if process.exit.get().is_some() {
+        let sent = self
+            .reaper
+            .signal_unreaped(process.pid, &process.exit, signal as i32)
+            .map_err(io_err(format!(
+                "signal {signal} to process {exec_id:?} of {id:?} (PID {})",
+                process.pid
+            )))?;
+        if !sent {
             return Err(EngineError::Precondition(format!(
                 "process {exec_id:?} of container {id:?} has already exited"
             )));
-        }
-        // SAFETY: kill(2) with a PID this agent has not reaped yet, so it
-        // cannot have been reused.
-        if unsafe { libc::kill(process.pid, signal as i32) } != 0 {
-            return Err(io_err(format!(
-                "signal {signal} to process {exec_id:?} of {id:?} (PID {})",
-                process.pid
-            ))(io::Error::last_os_error()));
         }
         Ok(())
     }

@@ -195,6 +195,30 @@ impl Reaper {
         record
     }
 
+    /// Sends `signal` to `pid`, whose exit record is `exit`, unless it has
+    /// already been reaped: returns `Ok(false)` then. Reaping happens under
+    /// the same lock, so the process cannot be reaped, nor its PID handed
+    /// to another process, between the look and the kill(2); a look
+    /// without the lock raced the reaper, and the kill then failed with
+    /// ESRCH (or could reach a new process with the reused PID).
+    pub fn signal_unreaped(
+        &self,
+        pid: i32,
+        exit: &ProcessExit,
+        signal: i32,
+    ) -> std::io::Result<bool> {
+        let _reaping = self.state();
+        if exit.get().is_some() {
+            return Ok(false);
+        }
+        // SAFETY: kill(2) with a PID that has not been reaped (checked
+        // under the reap lock), so it is still this process's.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+
     /// How many exits wait unclaimed, and how many processes are watched.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.state();
@@ -286,6 +310,19 @@ mod tests {
         record(&reaper, 4244, 137);
         assert_eq!(first.get().map(|e| e.status), Some(0));
         assert_eq!(second.get().map(|e| e.status), Some(137));
+    }
+
+    #[test]
+    fn a_reaped_process_is_not_signalled() {
+        let reaper = Reaper::default();
+        let me = i32::try_from(std::process::id()).expect("PID fits i32");
+        let exit = reaper.watch(me, reaper.mark());
+        // Signal 0 only checks the target exists: this process does.
+        assert!(reaper.signal_unreaped(me, &exit, 0).expect("kill(me, 0)"));
+        record(&reaper, me, 143);
+        assert!(!reaper
+            .signal_unreaped(me, &exit, 0)
+            .expect("no kill once reaped"));
     }
 
     #[test]
