@@ -86,6 +86,23 @@ pub fn known_fields(method: &str, message: &dyn protobuf::MessageDyn) -> ttrpc::
     }
 }
 
+/// Runs a request's `work` on a task of its own and waits for it. The
+/// ttrpc server drops a handler whose caller's deadline passes, and a
+/// container's set-up or removal, or a NIC's configuration, dropped half
+/// way leaves the guest in a state no later request expects; on its own
+/// task the work runs to its end whoever stops waiting.
+async fn to_completion<T: Send + 'static>(
+    method: &str,
+    work: impl std::future::Future<Output = ttrpc::Result<T>> + Send + 'static,
+) -> ttrpc::Result<T> {
+    tokio::spawn(work).await.map_err(|e| {
+        status(
+            Code::INTERNAL,
+            format!("{method}: ended before it finished: {e}"),
+        )
+    })?
+}
+
 fn mount_request(m: &Mount) -> MountRequest {
     MountRequest {
         source: m.source.clone(),
@@ -137,16 +154,20 @@ impl AgentService for Agent {
         for m in &req.mounts {
             known_fields("CreateContainer", m)?;
         }
-        self.engine
-            .create(
-                &req.container_id,
-                &req.oci_spec_json,
-                req.rootfs.as_ref().map(mount_request),
-                req.mounts.iter().map(mount_request).collect(),
-                req.terminal,
-            )
-            .await?;
-        Ok(Empty::new())
+        let engine = self.engine.clone();
+        to_completion("CreateContainer", async move {
+            engine
+                .create(
+                    &req.container_id,
+                    &req.oci_spec_json,
+                    req.rootfs.as_ref().map(mount_request),
+                    req.mounts.iter().map(mount_request).collect(),
+                    req.terminal,
+                )
+                .await?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn start_container(
@@ -155,8 +176,12 @@ impl AgentService for Agent {
         req: StartContainerRequest,
     ) -> ttrpc::Result<Empty> {
         known_fields("StartContainer", &req)?;
-        self.engine.start(&req.container_id).await?;
-        Ok(Empty::new())
+        let engine = self.engine.clone();
+        to_completion("StartContainer", async move {
+            engine.start(&req.container_id).await?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn remove_container(
@@ -165,13 +190,17 @@ impl AgentService for Agent {
         req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
         known_fields("RemoveContainer", &req)?;
-        self.engine
-            .remove(
-                &req.container_id,
-                Duration::from_secs(req.timeout_secs.into()),
-            )
-            .await?;
-        Ok(Empty::new())
+        let engine = self.engine.clone();
+        to_completion("RemoveContainer", async move {
+            engine
+                .remove(
+                    &req.container_id,
+                    Duration::from_secs(req.timeout_secs.into()),
+                )
+                .await?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn pause_container(
@@ -200,15 +229,19 @@ impl AgentService for Agent {
         req: ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
         known_fields("ExecProcess", &req)?;
-        self.engine
-            .exec(
-                &req.container_id,
-                &req.exec_id,
-                &req.oci_process_json,
-                req.terminal,
-            )
-            .await?;
-        Ok(Empty::new())
+        let engine = self.engine.clone();
+        to_completion("ExecProcess", async move {
+            engine
+                .exec(
+                    &req.container_id,
+                    &req.exec_id,
+                    &req.oci_process_json,
+                    req.terminal,
+                )
+                .await?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn signal_process(
@@ -470,7 +503,10 @@ impl AgentService for Agent {
             ));
         };
         known_fields("UpdateInterface", &interface)?;
-        Ok(guest::update_interface(&interface).await?)
+        to_completion("UpdateInterface", async move {
+            Ok(guest::update_interface(&interface).await?)
+        })
+        .await
     }
 
     async fn update_routes(
@@ -482,13 +518,39 @@ impl AgentService for Agent {
         for route in &req.routes {
             known_fields("UpdateRoutes", route)?;
         }
-        guest::update_routes(&req.routes).await?;
-        Ok(Empty::new())
+        to_completion("UpdateRoutes", async move {
+            guest::update_routes(&req.routes).await?;
+            Ok(Empty::new())
+        })
+        .await
     }
 
     async fn set_dns(&self, _ctx: &TtrpcContext, req: SetDnsRequest) -> ttrpc::Result<Empty> {
         known_fields("SetDns", &req)?;
         guest::set_dns(&self.guest, &req)?;
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_runs_on_when_its_caller_gives_up() {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let request = to_completion("RemoveContainer", async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = done.send(());
+            Ok(())
+        });
+        // The ttrpc server's deadline: it drops the handler's future.
+        assert!(tokio::time::timeout(Duration::from_millis(5), request)
+            .await
+            .is_err());
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the work ended within 5 s")
+            .expect("the work ran to its end after its caller gave up");
     }
 }

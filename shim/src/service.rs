@@ -53,6 +53,9 @@ const VM_END_WAIT: Duration = Duration::from_secs(3);
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// What an agent call that should be quick may take.
 const AGENT_CALL_NS: i64 = 30_000_000_000;
+/// How long a shim with no container left waits for containerd's
+/// Shutdown before it exits by itself.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long `RemoveContainer` lets processes exit before killing them.
 const REMOVE_TIMEOUT_SECS: u32 = 10;
 /// The exit status of a process whose VM went away.
@@ -108,6 +111,14 @@ pub enum TaskError {
         id: String,
         /// The error.
         source: ttrpc::Error,
+    },
+    /// A request's work ended before it finished (it panicked).
+    #[error("{what} ended before it finished: {why}")]
+    Aborted {
+        /// The request.
+        what: String,
+        /// Why, as tokio reports it.
+        why: String,
     },
     /// Reading the bundle.
     #[error("{what} {path}: {source}")]
@@ -920,8 +931,47 @@ impl TaskService {
         if !problems.is_empty() {
             error!("container {}: teardown: {}", req.id, problems.join("; "));
         }
+        if last {
+            tokio::spawn(exit_unless_shutdown(inner.clone()));
+        }
         Ok(response)
     }
+}
+
+/// After the last container's delete, waits [`SHUTDOWN_GRACE`] for
+/// containerd's Shutdown, then ends the shim itself if nothing new came.
+/// containerd sends Shutdown under the deadline of the Delete's caller;
+/// when a loaded node's teardown outlasts it (the CRI's handling of a
+/// sandbox's exit gives it 10 s), containerd drops the shim's connection
+/// and never sends Shutdown, and the shim, holding nothing any more,
+/// would run on forever (seen with 20 pods removed at once).
+async fn exit_unless_shutdown(inner: Arc<Inner>) {
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let state = inner.state.lock().await;
+    if state.containers.is_empty() && state.vm.is_none() {
+        info!(
+            "no containers left and no Shutdown from containerd within {} s: the shim exits",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        inner.exit.signal();
+    }
+}
+
+/// Runs a request's `work` on a task of its own and waits for it. The
+/// ttrpc server drops a handler whose caller's deadline passes (containerd
+/// gives the Delete of an exited sandbox 10 s, which a loaded node's VM
+/// stop can exceed), and set-up or teardown dropped half way left a pod's
+/// mounts, VM or shim behind. On its own task the work runs to its end
+/// whoever stops waiting, as in containerd's Go shims, whose handlers are
+/// not cancelled either.
+async fn run_to_completion<T: Send + 'static>(
+    what: String,
+    work: impl std::future::Future<Output = TaskResult<T>> + Send + 'static,
+) -> TaskResult<T> {
+    tokio::spawn(work).await.map_err(|e| TaskError::Aborted {
+        what,
+        why: e.to_string(),
+    })?
 }
 
 fn unreachable_pod<T>(pod: &str) -> TaskResult<T> {
@@ -1289,7 +1339,12 @@ impl Task for TaskService {
         req: api::CreateTaskRequest,
     ) -> cttrpc::Result<api::CreateTaskResponse> {
         let id = req.id.clone();
-        self.do_create(req).await.map_err(|e| {
+        let service = self.clone();
+        run_to_completion(format!("create {id}"), async move {
+            service.do_create(req).await
+        })
+        .await
+        .map_err(|e| {
             error!("create {id}: {e}");
             e.into()
         })
@@ -1300,7 +1355,9 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> cttrpc::Result<api::StartResponse> {
-        Ok(self.do_start(req).await?)
+        let service = self.clone();
+        let what = format!("start {} {}", req.id, req.exec_id);
+        Ok(run_to_completion(what, async move { service.do_start(req).await }).await?)
     }
 
     async fn delete(
@@ -1308,7 +1365,9 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> cttrpc::Result<api::DeleteResponse> {
-        Ok(self.do_delete(req).await?)
+        let service = self.clone();
+        let what = format!("delete {} {}", req.id, req.exec_id);
+        Ok(run_to_completion(what, async move { service.do_delete(req).await }).await?)
     }
 
     async fn pids(
@@ -1647,24 +1706,46 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> cttrpc::Result<api::Empty> {
-        let mut state = self.inner.state.lock().await;
-        if !state.containers.is_empty() {
-            return Ok(api::Empty::new());
-        }
-        let vm = state.vm.take();
-        drop(state);
-        if let Some(vm) = vm {
-            stop_vm(vm).await;
-        }
-        info!("no containers left: the shim exits");
-        self.inner.exit.signal();
-        Ok(api::Empty::new())
+        let inner = self.inner.clone();
+        Ok(run_to_completion("shutdown".into(), async move {
+            let mut state = inner.state.lock().await;
+            if !state.containers.is_empty() {
+                return Ok(api::Empty::new());
+            }
+            let vm = state.vm.take();
+            drop(state);
+            if let Some(vm) = vm {
+                stop_vm(vm).await;
+            }
+            info!("no containers left: the shim exits");
+            inner.exit.signal();
+            Ok(api::Empty::new())
+        })
+        .await?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_runs_on_when_its_caller_gives_up() {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let request = run_to_completion("delete p".into(), async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = done.send(());
+            Ok(())
+        });
+        // The ttrpc server's deadline: it drops the handler's future.
+        assert!(tokio::time::timeout(Duration::from_millis(5), request)
+            .await
+            .is_err());
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the work ended within 5 s")
+            .expect("the work ran to its end after its caller gave up");
+    }
 
     fn spec(json: serde_json::Value) -> oci_spec::runtime::Spec {
         let mut base = serde_json::json!({
