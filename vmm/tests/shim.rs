@@ -134,7 +134,7 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// IPv6 addresses, two moat pods and a runc pod reaching each other and a
 /// hostPort (portmap) reaching a moat pod, 256 MiB each way with equal
 /// SHA-256s to the host found by a hosts-file name, with the pod's DNS
-/// settings; 50 networked pod cycles each leaving nothing (no process,
+/// settings; 20 networked pod cycles each leaving nothing (no process,
 /// pod state, cgroup, network namespace, veth or host-local address); and
 /// 20 networked pods started and removed at once, leaving nothing; and
 /// `kill -9 1` from a root container in the VM's PID namespace, which the
