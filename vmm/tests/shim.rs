@@ -128,11 +128,11 @@ fn ctr_drives_pods_in_microvms_through_containerd() {
 /// with handler `moat` and the project's CRI client (`cri-check`): a
 /// host-network pod's whole lifecycle with ExecSync and the CRI log file
 /// (its VM has no NIC), two containers in one VM sharing a host
-/// volume, a container restarted in its pod, 200 exec probes with the
+/// volume, a container restarted in its pod, 50 exec probes with the
 /// agent's fd count flat; on CNI's bridge network (Debian's reference
 /// plugins): a container reaching the host and reached on its IPv4 and
 /// IPv6 addresses, two moat pods and a runc pod reaching each other and a
-/// hostPort (portmap) reaching a moat pod, 256 MiB each way with equal
+/// hostPort (portmap) reaching a moat pod, 64 MiB each way with equal
 /// SHA-256s to the host found by a hosts-file name, with the pod's DNS
 /// settings; 20 networked pod cycles each leaving nothing (no process,
 /// pod state, cgroup, network namespace, veth or host-local address); and

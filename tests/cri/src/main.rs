@@ -53,8 +53,10 @@ struct Args {
     /// Connect+GET requests per round of the network benchmark.
     #[arg(long, default_value_t = 200)]
     bench_requests: u32,
-    /// Execs of the probe case.
-    #[arg(long, default_value_t = 200)]
+    /// Execs of the probe case: 50 in `make test` (a leak of one fd an
+    /// exec shows as 50 against a slack of 4; each exec takes about 0.8 s
+    /// in the nested harness).
+    #[arg(long, default_value_t = 50)]
     execs: u32,
     /// Cases to run (all when none).
     cases: Vec<String>,
@@ -809,11 +811,13 @@ impl Ctx {
         ))
     }
 
-    /// 256 MiB each way between the host and a moat container, SHA-256
+    /// 64 MiB each way between the host and a moat container, SHA-256
     /// at both ends; the container finds the host by a name in the pod's
-    /// hosts file and has the pod's DNS settings.
+    /// hosts file and has the pod's DNS settings. (The virtio-net test
+    /// moves 256 MiB each way through the device itself; here the path
+    /// through CNI's bridge is what is proven, in less of CI's time.)
     async fn case_bulk_each_way_hosts_file_and_dns(&mut self) -> CaseResult {
-        const MIB: u64 = 256;
+        const MIB: u64 = 64;
         let hosts = self.args.work.join("bulk-hosts");
         std::fs::write(
             &hosts,
