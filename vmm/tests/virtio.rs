@@ -249,6 +249,8 @@ fn count_and_hash(report: Option<&str>) -> (u64, String) {
 
 #[test]
 fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
+    // The MAC the VMM gives eth0, which the host's neighbour entry names.
+    const GUEST_MAC: &str = "02:00:00:00:00:0a";
     let guest_tool = test_tool("guest-tool");
     let host_tool = test_tool("host-tool");
     let initramfs = test_initramfs_with("virtio-net", &[&guest_tool]);
@@ -272,11 +274,11 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         # dropped by the host itself (its ICMP counters showed one more
         # host-unreachable sent to itself), while the device had carried
         # every frame both ways.
-        ip neigh replace 10.0.2.2 lladdr 02:00:00:00:00:0a dev moat-tap0 nud permanent
+        ip neigh replace 10.0.2.2 lladdr {mac} dev moat-tap0 nud permanent
         {{ {host} tcp-sink 10.0.2.1:7000 || dump_vm "host tcp sink failed"; }} >/tmp/host-tcp-sink.out &
         sink=$!
         {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512 --vcpus 2 \
-            --net id=eth0,tap=moat-tap0,mac=02:00:00:00:00:0a --net id=eth1,tap=moat-tmp0 \
+            --net id=eth0,tap=moat-tap0,mac={mac} --net id=eth1,tap=moat-tmp0 \
             --append "quiet moat_mode=net moat_net_mib={mib}" &
         vm=$!; echo $vm >/tmp/vm.pid; guard_vm $vm
         {host} tcp-send 10.0.2.2:7001 {bytes} 7 >/tmp/host-tcp-send.out || dump_vm "host tcp send failed"
@@ -294,13 +296,14 @@ fn virtio_net_over_a_tap_pings_and_moves_256mib_each_way() {
         kernel = guest_vmlinux().display(),
         initramfs = initramfs.display(),
         mib = net_bulk_mib(),
+        mac = GUEST_MAC,
     );
     let run = kvm_run(&["bash", "-c", &script]);
     let all = run.describe();
     assert_eq!(run.code, 0, "kvm-run's own exit (124: L1 timed out)\n{all}");
     assert_eq!(
         run.guest_value("eth0 mac"),
-        Some("02:00:00:00:00:0a"),
+        Some(GUEST_MAC),
         "MAC from the config\n{all}"
     );
     assert!(
